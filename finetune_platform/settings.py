@@ -1,0 +1,262 @@
+"""Settings for Finetune Platform, all read from the environment (see ``.env.example``).
+
+Zero configuration runs the embedded default: SQLite and the django-q2 database broker in
+``FINETUNE_DATA_DIR``, an in-process channel layer, CPU slots. ``DATABASE_URL`` and ``REDIS_URL``
+switch to PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import dj_database_url
+
+from finetune_platform.env import env_bool, env_float, env_int, env_list, env_paths, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _load_dotenv(path: Path) -> None:
+    """Read ``KEY=value`` lines from ``.env`` without overriding the real environment."""
+    if not path.is_file():
+        return
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+_load_dotenv(BASE_DIR / ".env")
+
+# --- Where the platform keeps its state ------------------------------------------------------
+DATA_DIR = Path(env_str("FINETUNE_DATA_DIR", str(BASE_DIR / "data"))).expanduser().resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+WORKSPACES_DIR = DATA_DIR / "workspaces"
+HUB_CACHE_DIR = Path(env_str("FINETUNE_HUB_CACHE_DIR", str(DATA_DIR / "hub-cache"))).expanduser().resolve()
+
+
+def _secret_key() -> str:
+    key = env_str("SECRET_KEY")
+    if key:
+        return key
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        # Written once with owner-only permissions; never committed (data/ is git-ignored).
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- Applications ------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_q",
+    "channels",
+    "accounts",
+    "tasks",
+    "gpus",
+    "deployments",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "finetune_platform.urls"
+WSGI_APPLICATION = "finetune_platform.wsgi.application"
+ASGI_APPLICATION = "finetune_platform.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------------------------
+_default_db = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE transactions serialise writers (the dispatcher's slot count relies on it), WAL lets
+    # the web process read while a worker writes, and the timeout waits out short write locks.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # A file, not :memory:, so worker subprocesses started by the tests see the same test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-db.sqlite3")}
+else:
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Auth --------------------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+# --- I18n / static -----------------------------------------------------------------------------
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- Uploads -----------------------------------------------------------------------------------
+FINETUNE_MAX_DATASET_MB = env_int("FINETUNE_MAX_DATASET_MB", 512, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+
+# --- DRF / OpenAPI -----------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "finetune_platform.api.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Finetune Platform API",
+    "DESCRIPTION": "Fine-tune LLMs with ms-swift on shared GPU servers.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Channels ----------------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("CHANNELS_PREFIX", "ftp")},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- The training runtime ----------------------------------------------------------------------
+def _default_swift() -> str:
+    local = BASE_DIR / ".venv-swift" / "bin" / "swift"
+    if local.exists():
+        return str(local)
+    return shutil.which("swift") or "swift"
+
+
+FINETUNE_SWIFT_BIN = env_str("FINETUNE_SWIFT_BIN") or _default_swift()
+FINETUNE_MODEL_ROOTS = env_paths("FINETUNE_MODEL_ROOTS")
+FINETUNE_OFFLINE = env_bool("FINETUNE_OFFLINE", False)
+FINETUNE_HOST = env_str("FINETUNE_HOST") or socket.gethostname()
+# Concurrent training slots on this host (until the GPU scheduler assigns real devices).
+FINETUNE_SLOTS = env_int("FINETUNE_SLOTS", 1, minimum=1, maximum=64)
+FINETUNE_STOP_GRACE_SECONDS = env_float("FINETUNE_STOP_GRACE_SECONDS", 30.0, minimum=0.0)
+# How long a stop request waits for the process to end before answering (it keeps going after).
+FINETUNE_STOP_WAIT_SECONDS = env_float("FINETUNE_STOP_WAIT_SECONDS", 3.0, minimum=0.0)
+FINETUNE_MAX_RUNTIME_HOURS = env_int("FINETUNE_MAX_RUNTIME_HOURS", 7 * 24, minimum=1)
+FINETUNE_HEARTBEAT_SECONDS = env_float("FINETUNE_HEARTBEAT_SECONDS", 5.0, minimum=0.5)
+# A running task whose runner has not reported for this long is considered lost.
+FINETUNE_LOST_AFTER_SECONDS = env_float("FINETUNE_LOST_AFTER_SECONDS", 120.0, minimum=5.0)
+FINETUNE_POLL_SECONDS = env_float("FINETUNE_POLL_SECONDS", 0.25, minimum=0.01)
+# Extra variables a swift process inherits (names or shell-style patterns, comma-separated).
+FINETUNE_ENV_PASSTHROUGH = env_list("FINETUNE_ENV_PASSTHROUGH", [])
+FINETUNE_MASTER_PORT_BASE = env_int("FINETUNE_MASTER_PORT_BASE", 29500, minimum=1024, maximum=64000)
+FINETUNE_SMOKE_MODEL = env_str("FINETUNE_SMOKE_MODEL")
+FINETUNE_SMOKE_MODEL_TYPE = env_str("FINETUNE_SMOKE_MODEL_TYPE", "qwen2")
+FINETUNE_SMOKE_TEMPLATE = env_str("FINETUNE_SMOKE_TEMPLATE", "qwen2_5")
+
+# --- django-q2 ---------------------------------------------------------------------------------
+# Training jobs run for hours or days. The broker re-presents a job whose receipt is older than
+# ``retry``; that must never happen to a running job, so retry is far longer than any job may
+# run, failures are acknowledged (never silently re-run) and each job starts with an idempotent
+# claim on the task row (see tasks.runner.claim).
+_max_runtime = FINETUNE_MAX_RUNTIME_HOURS * 3600
+Q_CLUSTER = {
+    "name": env_str("Q_CLUSTER_NAME_BASE", "finetune"),
+    "orm": "default",
+    "workers": env_int("FINETUNE_WORKERS", FINETUNE_SLOTS + 2, minimum=2),
+    "timeout": _max_runtime + 3600,
+    "retry": _max_runtime + 86400,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "catch_up": False,
+    "poll": env_float("FINETUNE_QUEUE_POLL_SECONDS", 0.2, minimum=0.01),
+    "queue_limit": 2,
+    "save_limit": 500,
+    "recycle": 50,
+    "label": "Task queue",
+    "ALT_CLUSTERS": {},
+}
+
+# --- Logging -----------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "stream": sys.stderr}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django_q": {"level": env_str("Q_LOG_LEVEL", "WARNING")}},
+}

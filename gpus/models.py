@@ -1,0 +1,1 @@
+"""GPU inventory and reservations: built by the scheduler issue (#3)."""

@@ -1,0 +1,145 @@
+"""Operators see and steer everything here; non-staff admin users see only their own objects.
+Actions call the same services as the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from tasks import services
+from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
+
+
+class OwnedAdminMixin:
+    """Staff see all rows; anyone else with admin access sees only their own (404 otherwise)."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        qs = super().get_queryset(request)  # type: ignore[misc]
+        return qs.model.objects.for_user(request.user) if hasattr(qs.model.objects, "for_user") else qs
+
+
+class TaskEventInline(admin.TabularInline):
+    model = TaskEvent
+    extra = 0
+    can_delete = False
+    fields = ["created_at", "kind", "message"]
+    readonly_fields = fields
+    ordering = ["created_at", "id"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+RUNTIME_FIELDS = [
+    "status", "progress", "current_step", "max_steps", "epoch", "loss", "learning_rate", "eta_seconds",
+    "model_source", "model_path", "output_path", "log_file_path", "command", "host", "pid", "process_started",
+    "runner_pid", "heartbeat_at", "exit_code", "error_message", "last_checkpoint", "metrics", "last_log_seq",
+    "created_at", "queued_at", "started_at", "finished_at", "stop_requested_at", "delete_requested_at",
+]
+
+
+@admin.register(FinetuningTask)
+class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "name", "owner", "task_type", "train_type", "status", "progress", "priority",
+                    "host", "created_at", "finished_at"]
+    list_filter = ["status", "task_type", "train_type", "owner", "host"]
+    search_fields = ["name", "description", "base_model", "owner__username"]
+    readonly_fields = RUNTIME_FIELDS
+    list_select_related = ["owner"]
+    inlines = [TaskEventInline]
+    actions = ["stop_tasks", "delete_tasks"]
+    fieldsets = [
+        (None, {"fields": ["name", "description", "owner", "task_type", "train_type", "preset", "priority"]}),
+        ("What it trains", {"fields": ["base_model", "datasets", "training_args", "gpu_config", "output_name"]}),
+        ("Runtime", {"fields": RUNTIME_FIELDS}),
+    ]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Creating goes through the validating service (API, seed calls, pages), not a raw form.
+        return False
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # a raw delete would skip stopping the process
+        return actions
+
+    def delete_model(self, request: HttpRequest, obj: FinetuningTask) -> None:
+        services.finetuning_task_delete(task=obj)
+
+    @admin.action(description="Stop selected tasks")
+    def stop_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        for task in queryset:
+            services.finetuning_task_stop(task=task)
+        messages.success(request, f"Asked {queryset.count()} task(s) to stop.")
+
+    @admin.action(description="Delete selected tasks (stop first, keep model output)")
+    def delete_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        count = 0
+        for task in list(queryset):
+            services.finetuning_task_delete(task=task)
+            count += 1
+        messages.success(request, f"Deleted {count} task(s); model outputs were kept on disk.")
+
+
+@admin.register(Dataset)
+class DatasetAdmin(OwnedAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "name", "owner", "format", "rows", "size_bytes", "created_at"]
+    list_filter = ["format", "file_type", "owner"]
+    search_fields = ["name", "original_filename", "owner__username"]
+    readonly_fields = ["owner", "original_filename", "path", "file_type", "format", "rows", "size_bytes",
+                       "columns", "created_at"]
+    list_select_related = ["owner"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # uploads are validated by the service (API or pages)
+
+    def delete_model(self, request: HttpRequest, obj: Dataset) -> None:
+        services.dataset_delete(dataset=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Dataset]) -> None:
+        for dataset in queryset:
+            services.dataset_delete(dataset=dataset)
+
+
+class TaskChildAdmin(admin.ModelAdmin):
+    """Read-only views of a run's records, scoped like their task."""
+
+    list_select_related = ["task", "task__owner"]
+    search_fields = ["task__name", "task__owner__username"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        qs = super().get_queryset(request)
+        visible = FinetuningTask.objects.for_user(request.user)
+        return qs.filter(task__in=visible)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(TaskLogLine)
+class TaskLogLineAdmin(TaskChildAdmin):
+    list_display = ["task", "seq", "created_at", "text"]
+    list_filter = ["task__status", "task__owner"]
+    search_fields = [*TaskChildAdmin.search_fields, "text"]
+    readonly_fields = ["task", "seq", "text", "created_at"]
+
+
+@admin.register(TaskMetric)
+class TaskMetricAdmin(TaskChildAdmin):
+    list_display = ["task", "kind", "step", "epoch", "loss", "learning_rate", "grad_norm"]
+    list_filter = ["kind", "task__task_type", "task__owner"]
+    readonly_fields = ["task", "kind", "step", "epoch", "loss", "learning_rate", "grad_norm", "token_acc",
+                       "memory_gib", "seconds_per_step", "values", "created_at"]
+
+
+@admin.register(TaskEvent)
+class TaskEventAdmin(TaskChildAdmin):
+    list_display = ["task", "kind", "message", "created_at"]
+    list_filter = ["kind", "task__owner"]
+    readonly_fields = ["task", "kind", "message", "data", "created_at"]

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskType, TrainType
+
+
+class TaskCreateSerializer(serializers.Serializer):
+    """Create a task from scratch, or from a preset (then only ``preset`` is required)."""
+
+    preset = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    task_type = serializers.ChoiceField(choices=TaskType.choices, default=TaskType.SFT)
+    train_type = serializers.ChoiceField(choices=TrainType.choices, default=TrainType.LORA)
+    base_model = serializers.CharField(required=False, allow_blank=True, max_length=1000)
+    datasets = serializers.JSONField(required=False, help_text="Uploaded dataset ids and/or hub dataset ids.")
+    training_args = serializers.JSONField(required=False, help_text="Allow-listed swift training arguments.")
+    gpu_config = serializers.JSONField(required=False, help_text='{"count": N}, {"devices": "0,1"} or {"cpu": true}')
+    priority = serializers.IntegerField(required=False, min_value=0, max_value=10, default=5)
+    output_name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("preset"):
+            return attrs
+        errors = {}
+        if not (attrs.get("name") or "").strip():
+            errors["name"] = ["This field is required."]
+        if not (attrs.get("base_model") or "").strip():
+            errors["base_model"] = ["This field is required (a hub id or a local model folder)."]
+        if attrs.get("datasets") in (None, "", []):
+            errors["datasets"] = ["This field is required (uploaded dataset ids and/or hub dataset ids)."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    command_line = serializers.CharField(read_only=True)
+    elapsed_seconds = serializers.FloatField(read_only=True)
+    current_epoch = serializers.FloatField(source="epoch", read_only=True)
+    stop_requested = serializers.SerializerMethodField()
+
+    class Meta:
+        model = FinetuningTask
+        fields = [
+            "id", "name", "description", "owner", "task_type", "train_type", "preset", "priority", "status",
+            "progress", "current_step", "max_steps", "current_epoch", "loss", "learning_rate", "eta_seconds",
+            "elapsed_seconds", "base_model", "model_source", "datasets", "training_args", "gpu_config",
+            "output_name", "output_path", "last_checkpoint", "log_file_path", "command", "command_line", "host",
+            "pid", "exit_code", "error_message", "metrics", "last_log_seq", "stop_requested",
+            "created_at", "queued_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+    def get_stop_requested(self, obj: FinetuningTask) -> bool:
+        return obj.stop_requested_at is not None
+
+
+class LogLineSerializer(serializers.ModelSerializer):
+    time = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = TaskLogLine
+        fields = ["seq", "text", "time"]
+
+
+class LogPageSerializer(serializers.Serializer):
+    lines = LogLineSerializer(many=True)
+    next = serializers.IntegerField(help_text="Pass as ?after= to get the lines that follow.")
+
+
+class MetricSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskMetric
+        fields = ["step", "kind", "epoch", "loss", "learning_rate", "grad_norm", "token_acc", "memory_gib",
+                  "seconds_per_step", "values"]
+
+
+class EventSerializer(serializers.ModelSerializer):
+    time = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = TaskEvent
+        fields = ["kind", "message", "data", "time"]
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta:
+        model = Dataset
+        fields = ["id", "name", "description", "owner", "original_filename", "file_type", "format", "rows",
+                  "size_bytes", "columns", "created_at"]
+        read_only_fields = fields
+
+
+class DatasetUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text=".jsonl, .json or .csv")
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class LogQuerySerializer(serializers.Serializer):
+    after = serializers.IntegerField(required=False, min_value=0, default=0)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000)

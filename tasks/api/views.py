@@ -1,0 +1,192 @@
+"""The ``/api/finetuning/`` API. Every view scopes through the selectors (``for_user``), so another
+user's task or dataset is a 404 on every route; every change goes through a service."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.http import FileResponse, Http404
+from django_filters import rest_framework as filters
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, parsers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.filters import OrderingFilter, SearchFilter
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from tasks import selectors, services
+from tasks.api.serializers import (
+    DatasetSerializer,
+    DatasetUploadSerializer,
+    EventSerializer,
+    LogPageSerializer,
+    LogQuerySerializer,
+    MetricSerializer,
+    TaskCreateSerializer,
+    TaskSerializer,
+)
+from tasks.models import Dataset, FinetuningTask, TaskStatus, TaskType, TrainType
+from tasks.presets import all_presets
+from tasks.training_args import training_args_catalogue
+
+
+class TaskFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=TaskStatus.choices)
+    task_type = filters.ChoiceFilter(choices=TaskType.choices)
+    train_type = filters.ChoiceFilter(choices=TrainType.choices)
+
+    class Meta:
+        model = FinetuningTask
+        fields = ["status", "task_type", "train_type"]
+
+
+def task_create_from_input(*, user: Any, data: dict[str, Any]) -> FinetuningTask:
+    """Shared by the API and the seed-compatible calls: one input, one service."""
+    if data.get("preset"):
+        return services.finetuning_task_create_from_preset(
+            owner=user, preset=data["preset"], name=data.get("name") or "",
+            description=data.get("description") or "", output_name=data.get("output_name") or "",
+            gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
+        )
+    return services.finetuning_task_create(
+        owner=user, name=data["name"], description=data.get("description") or "",
+        task_type=data.get("task_type", TaskType.SFT), train_type=data.get("train_type", TrainType.LORA),
+        base_model=data["base_model"], datasets=data.get("datasets"), training_args=data.get("training_args"),
+        gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
+        output_name=data.get("output_name") or "",
+    )
+
+
+def stop_and_wait(task: FinetuningTask) -> FinetuningTask:
+    """Stop, then wait briefly so that most stops answer with the final ``stopped`` status."""
+    task = services.finetuning_task_stop(task=task)
+    deadline = time.monotonic() + settings.FINETUNE_STOP_WAIT_SECONDS
+    while task.status == TaskStatus.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+        task.refresh_from_db()
+    return task
+
+
+class TaskViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
+    """Fine-tuning tasks: list (filter ``status``, ``task_type``; ``search`` by name), create,
+    detail, delete (stops it first; the model output stays on disk), stop, logs, metrics, events."""
+
+    serializer_class = TaskSerializer
+    filter_backends = [filters.DjangoFilterBackend, SearchFilter, OrderingFilter]
+    filterset_class = TaskFilter
+    search_fields = ["name"]
+    ordering_fields = ["created_at", "priority", "status", "name"]
+
+    def get_queryset(self) -> QuerySet[FinetuningTask]:
+        return selectors.finetuning_task_list(user=self.request.user)
+
+    @extend_schema(request=TaskCreateSerializer, responses={201: TaskSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = TaskCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        task = task_create_from_input(user=request.user, data=serializer.validated_data)
+        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        services.finetuning_task_delete(task=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str | None = None) -> Response:
+        """Stop the task (SIGTERM to its process group, SIGKILL after the grace period). Idempotent."""
+        task = stop_and_wait(self.get_object())
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("after", int, description="Return lines with seq greater than this."),
+            OpenApiParameter("limit", int, description="At most this many lines (1-5000, default 1000)."),
+        ],
+        responses={200: LogPageSerializer},
+    )
+    @action(detail=True, methods=["get"])
+    def logs(self, request: Request, pk: str | None = None) -> Response:
+        """Log lines after ``after``, in order, with contiguous sequence numbers."""
+        task = self.get_object()
+        query = LogQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        after = query.validated_data["after"]
+        lines = selectors.task_log_lines(task=task, after=after, limit=query.validated_data["limit"])
+        return Response(LogPageSerializer({"lines": lines, "next": lines[-1].seq if lines else after}).data)
+
+    @extend_schema(responses={(200, "text/plain"): bytes})
+    @action(detail=True, methods=["get"], url_path="logs/download")
+    def logs_download(self, request: Request, pk: str | None = None) -> FileResponse:
+        """The complete log file as plain text."""
+        task = self.get_object()
+        path = Path(task.log_file_path)
+        if not task.log_file_path or not path.is_file():
+            raise Http404("This task has no log file yet.")
+        return FileResponse(path.open("rb"), as_attachment=True, filename=f"task-{task.pk}.log",
+                            content_type="text/plain; charset=utf-8")
+
+    @extend_schema(responses={200: MetricSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str | None = None) -> Response:
+        """One point per logging step (and per evaluation), plus swift's final summary."""
+        task = self.get_object()
+        points = selectors.task_metric_points(task=task)
+        return Response({"points": MetricSerializer(points, many=True).data, "summary": task.metrics})
+
+    @extend_schema(responses={200: EventSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str | None = None) -> Response:
+        """The task's lifecycle events, oldest first."""
+        return Response(EventSerializer(selectors.task_events(task=self.get_object()), many=True).data)
+
+
+class DatasetViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
+    """Your uploaded datasets. Upload with ``multipart/form-data`` (``file``, optional ``name``)."""
+
+    serializer_class = DatasetSerializer
+    parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
+    filter_backends = [SearchFilter]
+    search_fields = ["name", "original_filename"]
+
+    def get_queryset(self) -> QuerySet[Dataset]:
+        return selectors.dataset_list(user=self.request.user)
+
+    @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={201: DatasetSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = DatasetUploadSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        dataset = services.dataset_create(
+            owner=request.user, upload=serializer.validated_data["file"],
+            name=serializer.validated_data["name"], description=serializer.validated_data["description"],
+        )
+        return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        services.dataset_delete(dataset=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PresetListView(APIView):
+    """Presets: create a task with ``{"preset": "<name>"}`` (plus optional gpu_config, output_name)."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return Response({"results": [p.as_dict() for p in all_presets()]})
+
+
+class TrainingArgsView(APIView):
+    """The allowed training arguments with their types, ranges and defaults."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return Response({"results": training_args_catalogue()})

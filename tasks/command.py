@@ -1,0 +1,232 @@
+"""Build the argv and the environment a task's ``swift`` process runs with.
+
+The argv is a list assembled from platform-chosen flags and allow-listed, validated training
+arguments (:mod:`tasks.training_args`); it is executed without a shell. The environment is built
+from scratch: only an allow-list of variables is inherited from the worker.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from tasks.models import Dataset, FinetuningTask, TaskType, TrainType
+from tasks.paths import PathError, datasets_dir, is_hub_dataset_id, is_within
+from tasks.training_args import training_args_to_argv
+
+BUILTIN_DATASETS_DIR = Path(__file__).resolve().parent / "builtin_datasets"
+BUILTIN_PREFIX = "builtin:"
+
+#: Variables a swift process inherits from the worker; everything else is set explicitly.
+INHERITED_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH",
+    "CUDA_HOME", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "HF_TOKEN", "HF_ENDPOINT", "MODELSCOPE_API_TOKEN", "MODELSCOPE_DOMAIN", "NCCL_*",
+)
+
+_DEVICES = re.compile(r"^(\d{1,3}|GPU-[0-9a-fA-F\-]{8,64})(,(\d{1,3}|GPU-[0-9a-fA-F\-]{8,64}))*$")
+
+
+class LaunchError(Exception):
+    """The task cannot be launched as configured; the message is shown to the user."""
+
+
+def subcommand_for(task_type: str) -> list[str]:
+    if task_type == TaskType.SFT:
+        return ["sft"]
+    if task_type == TaskType.PT:
+        return ["pt"]
+    return ["rlhf", "--rlhf_type", str(task_type)]
+
+
+def normalize_gpu_config(raw: Any) -> dict[str, Any]:
+    """Accept the seeds' spellings and return ``{"devices": "0,1"}``, ``{"count": N}``,
+    ``{"cpu": True}`` or ``{}``; ``min_memory_gb`` is kept. Raises ValueError with a reason."""
+    if raw in (None, ""):
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError("must be an object such as {\"devices\": \"0,1\"}, {\"count\": 1} or {\"cpu\": true}")
+    known = {"devices", "cuda_visible_devices", "gpu_id", "gpu_ids", "count", "cpu", "min_memory_gb"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s): {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    devices = raw.get("devices", raw.get("cuda_visible_devices", raw.get("gpu_id", raw.get("gpu_ids"))))
+    if isinstance(devices, list):
+        devices = ",".join(str(d) for d in devices)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        devices = str(devices)
+    if devices not in (None, ""):
+        if not isinstance(devices, str) or not _DEVICES.match(devices.replace(" ", "")):
+            raise ValueError("devices must look like \"0\" or \"0,1\" (GPU indices or UUIDs)")
+        out["devices"] = devices.replace(" ", "")
+    if "count" in raw:
+        count = raw["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 64:
+            raise ValueError("count must be a whole number from 1 to 64")
+        if "devices" in out:
+            raise ValueError("give either devices or count, not both")
+        out["count"] = count
+    if raw.get("cpu") not in (None, False):
+        if raw["cpu"] is not True:
+            raise ValueError("cpu must be true or false")
+        if "devices" in out or "count" in out:
+            raise ValueError("a CPU task cannot also ask for GPUs")
+        out["cpu"] = True
+    if raw.get("min_memory_gb") is not None:
+        mem = raw["min_memory_gb"]
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not 0 < mem <= 4096:
+            raise ValueError("min_memory_gb must be a number of GiB between 0 and 4096")
+        out["min_memory_gb"] = mem
+    return out
+
+
+def resolve_dataset_argument(task: FinetuningTask, spec: Any) -> str:
+    """Turn one entry of ``task.datasets`` into what ``--dataset`` receives, re-checking at launch
+    (a file can vanish or be swapped for a symlink after the task was created)."""
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        dataset = Dataset.objects.filter(pk=int(spec), owner_id=task.owner_id).first()
+        if dataset is None:
+            raise LaunchError(f"Dataset {spec} no longer exists (it was deleted after the task was created).")
+        path = Path(dataset.path)
+        if not is_within(path, datasets_dir(task.owner_id)):
+            raise LaunchError(f"Dataset {dataset.pk} ({dataset.name}) is not inside your workspace.")
+        if not path.is_file():
+            raise LaunchError(f"The file of dataset {dataset.pk} ({dataset.name}) is missing: {path}")
+        return str(path.resolve())
+    if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
+        path = BUILTIN_DATASETS_DIR / f"{spec[len(BUILTIN_PREFIX):]}.jsonl"
+        if not is_within(path, BUILTIN_DATASETS_DIR) or not path.is_file():
+            raise LaunchError(f"Built-in dataset {spec!r} does not exist.")
+        return str(path.resolve())
+    if isinstance(spec, str) and is_hub_dataset_id(spec):
+        return spec
+    raise LaunchError(f"Dataset {spec!r} is neither an uploaded dataset id nor a hub dataset id.")
+
+
+def build_argv(task: FinetuningTask, *, output_dir: Path) -> list[str]:
+    """The complete argv for a task, starting with the swift executable."""
+    args = dict(task.training_args or {})
+    argv: list[str] = [settings.FINETUNE_SWIFT_BIN, *subcommand_for(task.task_type)]
+    argv += ["--model", task.model_path]
+    datasets = [resolve_dataset_argument(task, spec) for spec in task.datasets]
+    if not datasets:
+        raise LaunchError("The task has no datasets.")
+    argv += ["--dataset", *datasets]
+    argv += ["--tuner_type", "full" if task.train_type == TrainType.FULL else "lora"]
+    if task.train_type == TrainType.QLORA:
+        compute = args.get("torch_dtype") if args.get("torch_dtype") in ("bfloat16", "float16") else "bfloat16"
+        argv += ["--quant_method", "bnb", "--quant_bits", "4", "--bnb_4bit_compute_dtype", compute,
+                 "--bnb_4bit_quant_type", "nf4", "--bnb_4bit_use_double_quant", "true"]
+    if task.train_type == TrainType.FULL:
+        # LoRA-only knobs mean nothing for full training; swift would reject nothing but keep it clean.
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "target_modules"):
+            args.pop(key, None)
+    argv += training_args_to_argv(args)
+    argv += ["--output_dir", str(output_dir), "--add_version", "false"]
+    if settings.FINETUNE_OFFLINE or task.model_source == "local":
+        # check_model asks the hub whether the weights changed: pointless for a local folder and a
+        # ~24 s stall when offline (see docs/ms-swift-notes.md).
+        argv += ["--check_model", "false"]
+    for value in argv[1:]:
+        if "\x00" in value:
+            raise LaunchError("An argument contains a NUL character.")
+    return argv
+
+
+def _inherit(names: Iterable[str]) -> dict[str, str]:
+    patterns = list(names) + list(settings.FINETUNE_ENV_PASSTHROUGH)
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+    }
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    env: dict[str, str]
+    devices: list[str]
+
+
+def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
+    """The per-task environment: own temp and preprocessing caches, shared hub download cache,
+    hub access off when the platform is offline, and the devices the task was given."""
+    cache = workdir / "cache"
+    for sub in ("datasets", "mpl", "tmp", "xdg"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    hub = settings.HUB_CACHE_DIR
+    env = _inherit(INHERITED_ENV)
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            # Model and dataset downloads are shared between tasks (a 7B model is 15 GB);
+            # preprocessing caches, temp files and matplotlib state are the task's own.
+            "MODELSCOPE_CACHE": str(hub / "modelscope"),
+            "HF_HOME": str(hub / "huggingface"),
+            "HF_DATASETS_CACHE": str(cache / "datasets"),
+            "MPLCONFIGDIR": str(cache / "mpl"),
+            "TMPDIR": str(cache / "tmp"),
+            "XDG_CACHE_HOME": str(cache / "xdg"),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    if settings.FINETUNE_OFFLINE:
+        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HF": "1"})
+    gpu = task.gpu_config or {}
+    devices: list[str] = []
+    if gpu.get("cpu"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif gpu.get("devices"):
+        devices = str(gpu["devices"]).split(",")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if len(devices) > 1:
+        env["NPROC_PER_NODE"] = str(len(devices))
+        env["MASTER_PORT"] = str(settings.FINETUNE_MASTER_PORT_BASE + (task.pk % 1000))
+    return LaunchEnv(env=env, devices=devices)
+
+
+def validate_dataset_specs(owner_id: int, specs: Any) -> list[Any]:
+    """Check ``datasets`` at creation time; returns the normalised list or raises PathError."""
+    if isinstance(specs, (str, int)) and not isinstance(specs, bool):
+        specs = [specs]
+    if not isinstance(specs, list) or not specs:
+        raise PathError("give at least one dataset: an uploaded dataset id or a hub dataset id")
+    if len(specs) > 32:
+        raise PathError("at most 32 datasets per task")
+    clean: list[Any] = []
+    for spec in specs:
+        if isinstance(spec, bool):
+            raise PathError(f"{spec!r} is not a dataset")
+        if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+            pk = int(spec)
+            if not Dataset.objects.filter(pk=pk, owner_id=owner_id).exists():
+                raise PathError(f"dataset {pk} does not exist")
+            clean.append(pk)
+            continue
+        if not isinstance(spec, str):
+            raise PathError(f"{spec!r} is not a dataset id")
+        value = spec.strip()
+        if value.startswith(BUILTIN_PREFIX):
+            name = value[len(BUILTIN_PREFIX):]
+            if not re.fullmatch(r"[a-z0-9_]+", name) or not (BUILTIN_DATASETS_DIR / f"{name}.jsonl").is_file():
+                raise PathError(f"{value!r} is not a built-in dataset")
+            clean.append(value)
+            continue
+        if value.startswith(("/", ".", "~", "-")) or "\\" in value or ".." in value:
+            raise PathError(
+                f"{value!r}: local files cannot be named by path; upload the file and use its dataset id"
+            )
+        if not is_hub_dataset_id(value):
+            raise PathError(f"{value!r} is not a hub dataset id (owner/name, optionally #N for N samples)")
+        clean.append(value)
+    return clean

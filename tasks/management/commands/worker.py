@@ -1,0 +1,33 @@
+"""``manage.py worker``: this host's django-q2 cluster, with crash recovery before it starts.
+
+Run one per host (``make worker``). It reconciles tasks this host left running (a crash or a
+restart of the previous worker), makes sure the periodic sweep is scheduled, dispatches what
+fits, then runs ``qcluster``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+from django_q.models import Schedule
+
+from tasks.runner import reconcile_host
+from tasks.scheduler import dispatch_pending
+
+
+class Command(BaseCommand):
+    help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        lost = reconcile_host()
+        if lost:
+            self.stdout.write(f"Marked {len(lost)} lost task(s) failed: {lost}")
+        Schedule.objects.update_or_create(
+            name="finetune-sweep",
+            defaults={"func": "tasks.jobs.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1},
+        )
+        dispatch_pending()
+        call_command("qcluster")

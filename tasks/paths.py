@@ -1,0 +1,122 @@
+"""Where files live, and the checks that keep every user-named path inside an allowed root.
+
+* A user's workspace is ``<FINETUNE_DATA_DIR>/workspaces/<user id>/``; datasets, task logs and
+  outputs are created there by the server, never at a path the user chose.
+* Local base models must live under an operator-configured root (``FINETUNE_MODEL_ROOTS``). A user
+  names one by absolute path or by a path relative to a root; anything that resolves (symlinks
+  included) outside every root is refused.
+* Hub ids (``Qwen/Qwen2.5-7B-Instruct``, ``AI-ModelScope/alpaca-gpt4-data-zh#500``) pass through
+  to swift after a strict syntax check (no URLs, no paths).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+
+class PathError(ValueError):
+    """A path or id the platform refuses; the message is for the user."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+# dataset ids may carry a subset (``:name``) and a sample count (``#N``), as swift accepts.
+_HUB_DATASET = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})"
+    r"(?::(?P<subset>[A-Za-z0-9][A-Za-z0-9_.\-/]{0,95}))?(?:#(?P<count>[1-9][0-9]{0,9}))?$"
+)
+
+
+def workspace_dir(user_id: int) -> Path:
+    return settings.WORKSPACES_DIR / str(int(user_id))
+
+
+def task_dir(user_id: int, task_id: int) -> Path:
+    return workspace_dir(user_id) / "tasks" / str(int(task_id))
+
+
+def datasets_dir(user_id: int) -> Path:
+    return workspace_dir(user_id) / "datasets"
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True when ``path`` (resolved, symlinks followed) lies inside ``root`` (resolved)."""
+    try:
+        return path.resolve(strict=False).is_relative_to(root.resolve(strict=False))
+    except (OSError, RuntimeError):
+        return False
+
+
+def _refuse_odd_characters(value: str, what: str) -> None:
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in value):
+        raise PathError(f"{what} contains control characters")
+    if value.startswith("-"):
+        raise PathError(f"{what} must not start with '-'")
+
+
+def is_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and ".." not in value
+
+
+def is_hub_dataset_id(value: str) -> bool:
+    match = _HUB_DATASET.match(value)
+    return bool(match) and ".." not in value
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # "hub" | "local"
+    argument: str  # what --model receives (absolute path for local models)
+
+
+def resolve_model(value: str, roots: list[Path] | None = None) -> ResolvedModel:
+    """Resolve a base model name to a hub id or a folder inside a model root."""
+    value = (value or "").strip()
+    if not value:
+        raise PathError("name a base model: a hub id such as Qwen/Qwen2.5-7B-Instruct or a local model folder")
+    _refuse_odd_characters(value, "the model name")
+    roots = settings.FINETUNE_MODEL_ROOTS if roots is None else roots
+    parts = Path(value).parts
+    if ".." in parts:
+        raise PathError("the model path must not contain '..'")
+    candidate_paths: list[tuple[Path, Path]] = []
+    if Path(value).is_absolute():
+        candidate_paths = [(Path(value), root) for root in roots]
+    else:
+        candidate_paths = [(root / value, root) for root in roots]
+    for path, root in candidate_paths:
+        if not path.exists():
+            continue
+        if not is_within(path, root):
+            # Exists under a root by name but resolves elsewhere: a symlink escaping the root.
+            raise PathError(f"the model folder {value!r} resolves outside the allowed model roots")
+        resolved = path.resolve()
+        if not resolved.is_dir():
+            raise PathError(f"{value!r} is not a model folder")
+        return ResolvedModel(source="local", argument=str(resolved))
+    if Path(value).is_absolute() or value.startswith("."):
+        allowed = ", ".join(str(r) for r in roots) or "none configured (set FINETUNE_MODEL_ROOTS)"
+        raise PathError(f"{value!r} is not a folder inside an allowed model root ({allowed})")
+    if is_hub_id(value):
+        return ResolvedModel(source="hub", argument=value)
+    raise PathError(
+        f"{value!r} is neither a hub id (owner/name) nor a model folder inside an allowed model root"
+    )
+
+
+def local_model_choices(roots: list[Path] | None = None, *, limit: int = 200) -> list[str]:
+    """Model folders under the roots (a folder with a ``config.json``), for forms and docs."""
+    roots = settings.FINETUNE_MODEL_ROOTS if roots is None else roots
+    found: list[str] = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for config in sorted(root.glob("*/config.json")) + sorted(root.glob("*/*/config.json")):
+            if is_within(config.parent, root):
+                found.append(str(config.parent))
+            if len(found) >= limit:
+                return found
+    return found

@@ -1,0 +1,275 @@
+"""Runs one task's ``swift`` process inside a django-q2 worker and supervises it to the end.
+
+Flow: :func:`claim` (atomic ``queued → running``; a second delivery of the same job is a no-op),
+launch in a new session with output to the task's log file, follow the log and
+``logging.jsonl`` through the :class:`~tasks.publisher.ProgressPublisher`, honour stop requests
+(SIGTERM to the group, SIGKILL after the grace period), and write the terminal state with a
+conditional update. Whatever happens, the ``finally`` leaves no process of the group alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+
+from tasks.command import LaunchError, build_argv, build_env
+from tasks.models import EventKind, FinetuningTask, TaskStatus
+from tasks.process import group_members, process_matches, signal_group, stop_group
+from tasks.publisher import ProgressPublisher
+from tasks.swift_output import JsonlTail, LogSplitter, checkpoint_saved, explain_failure, interpret_logging_record
+
+logger = logging.getLogger(__name__)
+
+_READ_CHUNK = 1 << 20
+
+
+def claim(task_id: int) -> bool:
+    """Atomically take a queued task for this worker. Exactly one caller ever gets True."""
+    now = timezone.now()
+    claimed = FinetuningTask.objects.filter(
+        pk=task_id, status=TaskStatus.QUEUED, stop_requested_at__isnull=True
+    ).update(
+        status=TaskStatus.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        host=settings.FINETUNE_HOST,
+        runner_pid=os.getpid(),
+    )
+    return claimed == 1
+
+
+class TaskRun:
+    """The supervision of one claimed task."""
+
+    def __init__(self, task: FinetuningTask) -> None:
+        self.task = task
+        self.publisher = ProgressPublisher(task)
+        self.splitter = LogSplitter()
+        self.tail_lines: deque[str] = deque(maxlen=400)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0
+        self.stop_signalled_at: float | None = None
+        self.killed = False
+        self.jsonl: JsonlTail | None = None
+
+    # --- main -------------------------------------------------------------------------------
+    def run(self) -> None:
+        task = self.task
+        self.publisher.event(EventKind.STARTED, f"Started on {task.host}", host=task.host)
+        output_dir = Path(task.output_path)
+        log_path = Path(task.log_file_path)
+        workdir = log_path.parent
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            argv = build_argv(task, output_dir=output_dir)
+            launch = build_env(task, workdir=workdir)
+        except LaunchError as exc:
+            self.finish(TaskStatus.FAILED, error=str(exc))
+            return
+        self.jsonl = JsonlTail(output_dir / "logging.jsonl")
+        with log_path.open("ab") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            try:
+                self.proc = subprocess.Popen(  # noqa: S603 - argv list from the allow-list, no shell
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=workdir, env=launch.env, start_new_session=True, close_fds=True,
+                )
+            except OSError as exc:
+                self.finish(TaskStatus.FAILED, error=f"Could not start swift ({argv[0]}): {exc.strerror or exc}")
+                return
+        try:
+            started = psutil.Process(self.proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            started = None
+        self.publisher.set(pid=self.proc.pid, process_started=started, command=argv)
+        self.publisher.flush(force=True)
+        self.supervise()
+
+    def supervise(self) -> None:
+        assert self.proc is not None
+        poll = settings.FINETUNE_POLL_SECONDS
+        heartbeat_every = settings.FINETUNE_HEARTBEAT_SECONDS
+        last_heartbeat = last_check = time.monotonic()
+        while True:
+            self.read_output()
+            self.publisher.flush()
+            now = time.monotonic()
+            if now - last_check >= min(0.5, heartbeat_every):
+                last_check = now
+                self.check_stop_request()
+            if now - last_heartbeat >= heartbeat_every:
+                last_heartbeat = now
+                self.heartbeat()
+            if self.stop_signalled_at is not None and not self.killed:
+                if now - self.stop_signalled_at >= settings.FINETUNE_STOP_GRACE_SECONDS:
+                    signal_group(self.proc.pid, signal.SIGKILL)
+                    self.killed = True
+            if self.proc.poll() is not None:
+                break
+            time.sleep(poll)
+        # The wrapper is gone; make sure nothing of its group outlives it (dataloader workers,
+        # an orphaned trainer), then read the last of the output.
+        stop_group(self.proc.pid, grace=min(5.0, settings.FINETUNE_STOP_GRACE_SECONDS))
+        self.read_output(final=True)
+        self.conclude(self.proc.returncode)
+
+    # --- output -----------------------------------------------------------------------------
+    def read_output(self, *, final: bool = False) -> None:
+        log_path = Path(self.task.log_file_path)
+        try:
+            with log_path.open("rb") as handle:
+                handle.seek(self.log_offset)
+                while chunk := handle.read(_READ_CHUNK):
+                    self.log_offset += len(chunk)
+                    self._lines(self.splitter.feed(chunk))
+        except FileNotFoundError:
+            pass
+        if final:
+            self._lines(self.splitter.flush())
+        if self.jsonl is not None:
+            for record in self.jsonl.read():
+                meaning = interpret_logging_record(record)
+                if meaning.point is not None:
+                    self.publisher.add_metric(meaning.point)
+                if meaning.summary is not None:
+                    self.publisher.set(metrics={**self.task.metrics, **meaning.summary})
+                if meaning.last_checkpoint:
+                    self.publisher.set(last_checkpoint=meaning.last_checkpoint)
+
+    def _lines(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        self.tail_lines.extend(lines)
+        self.publisher.add_lines(lines)
+        for line in lines:
+            path = checkpoint_saved(line)
+            if path:
+                self.publisher.set(last_checkpoint=path)
+                self.publisher.event(EventKind.CHECKPOINT, f"Checkpoint saved: {Path(path).name}", path=path)
+
+    # --- control ----------------------------------------------------------------------------
+    def check_stop_request(self) -> None:
+        if self.stop_signalled_at is not None or self.proc is None:
+            return
+        row = FinetuningTask.objects.filter(pk=self.task.pk).values("stop_requested_at").first()
+        if row is None or row["stop_requested_at"] is not None:
+            # Stop requested (or the row vanished, which only an operator's raw delete does).
+            signal_group(self.proc.pid, signal.SIGTERM)
+            self.stop_signalled_at = time.monotonic()
+
+    def heartbeat(self) -> None:
+        try:
+            FinetuningTask.objects.filter(pk=self.task.pk).update(heartbeat_at=timezone.now())
+        except Exception:  # noqa: BLE001 - a database hiccup must not kill a two-day run
+            logger.warning("heartbeat for task %s failed; reconnecting", self.task.pk, exc_info=True)
+            close_old_connections()
+
+    # --- ending -----------------------------------------------------------------------------
+    def conclude(self, returncode: int | None) -> None:
+        if self.stop_signalled_at is not None and returncode != 0:
+            self.finish(TaskStatus.STOPPED, exit_code=returncode)
+        elif returncode == 0:
+            self.finish(TaskStatus.COMPLETED, exit_code=0)
+        else:
+            reason = explain_failure(list(self.tail_lines), returncode, offline=settings.FINETUNE_OFFLINE)
+            self.finish(TaskStatus.FAILED, exit_code=returncode, error=reason)
+
+    def finish(self, status: str, *, exit_code: int | None = None, error: str = "") -> None:
+        from tasks.services import finetuning_task_finish
+
+        if status == TaskStatus.COMPLETED:
+            self.publisher.set(progress=100.0, eta_seconds=0.0)
+            if not self.task.last_checkpoint:
+                self.publisher.set(last_checkpoint=_latest_checkpoint(Path(self.task.output_path)))
+        self.publisher.flush(force=True)
+        finetuning_task_finish(task=self.task, status=status, exit_code=exit_code, error=error)
+
+    def kill(self) -> None:
+        """Leave no process of the group alive (used on every exit path)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None or group_members(self.proc.pid):
+            stop_group(self.proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+
+
+def _latest_checkpoint(output_dir: Path) -> str:
+    best: tuple[int, str] | None = None
+    for child in output_dir.glob("checkpoint-*"):
+        suffix = child.name.removeprefix("checkpoint-")
+        if child.is_dir() and suffix.isdigit() and (best is None or int(suffix) > best[0]):
+            best = (int(suffix), str(child))
+    return best[1] if best else ""
+
+
+def run_task(task_id: int) -> str:
+    """Claim and run a task to its end. Returns a short outcome for django-q2's result record."""
+    if not claim(task_id):
+        return f"task {task_id}: not claimed (already taken, stopped or deleted)"
+    task = FinetuningTask.objects.get(pk=task_id)
+    run = TaskRun(task)
+    try:
+        run.run()
+    except BaseException as exc:
+        logger.exception("runner for task %s crashed", task_id)
+        run.kill()
+        from tasks.services import finetuning_task_finish
+
+        finetuning_task_finish(
+            task=task, status=TaskStatus.FAILED, exit_code=None,
+            error=f"The platform's runner failed: {type(exc).__name__}: {exc}",
+        )
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        run.kill()
+    status = FinetuningTask.objects.filter(pk=task_id).values_list("status", flat=True).first()
+    return f"task {task_id}: {status or 'deleted'}"
+
+
+def reconcile_host(*, host: str | None = None) -> list[int]:
+    """Fail running tasks whose supervision is gone, so nothing stays ``running`` forever.
+
+    On this host a task is lost when its runner (the worker process) is gone or silent for
+    ``FINETUNE_LOST_AFTER_SECONDS``; a swift group it left behind (same pid *and* start time, so a
+    recycled pid is never touched) is stopped. A task on another host is lost when that host has
+    not sent a heartbeat for three times as long. Returns the ids marked failed.
+    """
+    from tasks.services import finetuning_task_finish
+
+    host = host or settings.FINETUNE_HOST
+    now = timezone.now()
+    stale_after = settings.FINETUNE_LOST_AFTER_SECONDS
+    failed: list[int] = []
+    for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
+        silent_for = (now - task.heartbeat_at).total_seconds() if task.heartbeat_at else float("inf")
+        if task.host == host:
+            runner_alive = bool(task.runner_pid) and psutil.pid_exists(task.runner_pid) and (
+                task.runner_pid != os.getpid()
+            )
+            if runner_alive and silent_for < stale_after:
+                continue
+            if process_matches(task.pid, task.process_started):
+                stop_group(task.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+            reason = ("The worker supervising this task stopped (worker crash or restart); its swift "
+                      "process was stopped. Resume from the last checkpoint or start the task again.")
+        elif silent_for > 3 * stale_after:
+            reason = (f"Host {task.host or '?'} stopped reporting for {int(silent_for)} s (host down or its "
+                      "worker stopped); the task is considered lost.")
+        else:
+            continue
+        if finetuning_task_finish(task=task, status=TaskStatus.FAILED, exit_code=None, error=reason):
+            failed.append(task.pk)
+    return failed

@@ -1,0 +1,299 @@
+"""Read what ``swift`` writes: its merged stdout/stderr log and ``<output_dir>/logging.jsonl``.
+
+Pure functions and small stateful readers, no Django, so they are easy to test and to reuse for
+export and deploy logs. Formats are documented in docs/ms-swift-notes.md:
+
+* tqdm bars are redrawn with ``\\r``; a bar state is not a log line (only a bar's final state,
+  ended by ``\\n``, is kept), and log messages glued onto a bar without a newline are split off.
+* ``logging.jsonl`` has one JSON object per logging step (numeric values), a summary object with
+  ``train_runtime`` and a final object with ``last_model_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_LINE_CHARS = 8000
+_MAX_PENDING_BYTES = 1 << 20
+
+_BAR = re.compile(r"(\d{1,3}%\|.*?\|\s*\d+/\d+|: *\d+ examples \[)")
+_GLUED = re.compile(r"\[(?:INFO|WARNING|ERROR|DEBUG|CRITICAL):[^\]]*\]|\{'")
+
+
+def _clip(text: str) -> str:
+    text = text.rstrip()
+    if len(text) > MAX_LINE_CHARS:
+        return text[:MAX_LINE_CHARS] + f" … [{len(text) - MAX_LINE_CHARS} more characters]"
+    return text
+
+
+def split_glued(record: str) -> tuple[bool, str]:
+    """For a record that starts with a progress bar, return (True, glued message or "")."""
+    if not _BAR.search(record[:300]):
+        return False, record
+    match = _GLUED.search(record)
+    if match and match.start() > 0:
+        return True, record[match.start():]
+    return True, ""
+
+
+class LogSplitter:
+    """Turns a byte stream into log lines: ``\\n`` ends a line, ``\\r`` ends a redrawn bar state.
+
+    Bytes are buffered until a terminator arrives, so a UTF-8 character or a line split across
+    two reads is never broken; invalid UTF-8 is replaced, overlong lines are clipped.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.current_bar = ""
+
+    def feed(self, data: bytes) -> list[str]:
+        self._pending += data
+        lines: list[str] = []
+        while True:
+            idx_n = self._pending.find(b"\n")
+            idx_r = self._pending.find(b"\r")
+            candidates = [i for i in (idx_n, idx_r) if i >= 0]
+            if not candidates:
+                break
+            idx = min(candidates)
+            raw, terminator = self._pending[:idx], self._pending[idx : idx + 1]
+            self._pending = self._pending[idx + 1 :]
+            self._take(raw.decode("utf-8", errors="replace"), terminator == b"\n", lines)
+        if len(self._pending) > _MAX_PENDING_BYTES:
+            raw, self._pending = self._pending, b""
+            self._take(raw.decode("utf-8", errors="replace"), True, lines)
+        return lines
+
+    def flush(self) -> list[str]:
+        """Emit whatever is left (the process has exited)."""
+        lines: list[str] = []
+        if self._pending:
+            raw, self._pending = self._pending, b""
+            self._take(raw.decode("utf-8", errors="replace"), True, lines)
+        return lines
+
+    def _take(self, record: str, newline: bool, out: list[str]) -> None:
+        if not record.strip():
+            return
+        is_bar, rest = split_glued(record)
+        if is_bar:
+            self.current_bar = record[: len(record) - len(rest)].strip() if rest else record.strip()
+            if rest:
+                out.append(_clip(rest))
+            elif newline:
+                out.append(_clip(record))  # a bar's final state
+            return
+        out.append(_clip(record))
+
+
+class JsonlTail:
+    """Follows a JSON-lines file that another process appends to.
+
+    Only complete lines are parsed; a partial last line waits for its newline. A missing file is
+    simply empty; a file that shrank (rewritten) is read again from the start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._pending = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self._offset:
+            self._offset, self._pending = 0, b""
+        if size == self._offset:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read(size - self._offset)
+        self._offset += len(data)
+        self._pending += data
+        *complete, self._pending = self._pending.split(b"\n")
+        records: list[dict[str, Any]] = []
+        for raw in complete:
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+        return records
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
+_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: Any) -> float | None:
+    """swift's ``format_time`` output (``'1d 2h 3m 4s'``, ``'5s'``) in seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        return None
+    parts = _DURATION.findall(text)
+    if not parts:
+        return None
+    return float(sum(float(num) * _UNIT[unit] for num, unit in parts))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass
+class MetricPoint:
+    kind: str  # "train" | "eval"
+    step: int
+    max_steps: int | None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    token_acc: float | None = None
+    memory_gib: float | None = None
+    seconds_per_step: float | None = None
+    remaining_seconds: float | None = None
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoggingRecord:
+    """What one ``logging.jsonl`` object means to the runner."""
+
+    point: MetricPoint | None = None
+    summary: dict[str, Any] | None = None
+    last_checkpoint: str | None = None
+
+
+def _steps(record: dict[str, Any]) -> tuple[int | None, int | None]:
+    raw = record.get("global_step/max_steps")
+    if isinstance(raw, str) and "/" in raw:
+        left, _, right = raw.partition("/")
+        if left.strip().isdigit() and right.strip().isdigit():
+            return int(left), int(right)
+    step = record.get("global_step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step, None
+    return None, None
+
+
+def interpret_logging_record(record: dict[str, Any]) -> LoggingRecord:
+    """Classify one logging.jsonl object (or a stdout progress dict, whose values are strings)."""
+    result = LoggingRecord()
+    if "last_model_checkpoint" in record:
+        result.last_checkpoint = record.get("last_model_checkpoint") or None
+        result.summary = {k: v for k, v in record.items() if k != "log_history"}
+        return result
+    step, max_steps = _steps(record)
+    if "train_runtime" in record:
+        result.summary = {k: (_number(v) if _number(v) is not None else v) for k, v in record.items()}
+        return result
+    if step is None:
+        return result
+    numbers = {k: n for k, v in record.items() if (n := _number(v)) is not None}
+    is_eval = any(k.startswith("eval_") for k in numbers)
+    point = MetricPoint(kind="eval" if is_eval else "train", step=step, max_steps=max_steps)
+    point.epoch = numbers.get("epoch")
+    point.loss = numbers.get("eval_loss" if is_eval else "loss")
+    point.learning_rate = numbers.get("learning_rate")
+    point.grad_norm = numbers.get("grad_norm")
+    point.token_acc = numbers.get("eval_token_acc" if is_eval else "token_acc")
+    point.memory_gib = numbers.get("memory(GiB)")
+    point.seconds_per_step = numbers.get("train_speed(s/it)")
+    point.remaining_seconds = parse_duration(record.get("remaining_time"))
+    point.values = numbers
+    result.point = point
+    return result
+
+
+_CHECKPOINT_SAVED = re.compile(r"Saving model checkpoint to (?P<path>\S+)")
+
+
+def checkpoint_saved(line: str) -> str | None:
+    match = _CHECKPOINT_SAVED.search(line)
+    return match.group("path") if match else None
+
+
+# --- Why did it fail? ----------------------------------------------------------------------------
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Z]\w*(?:Error|Exception|Exit|Interrupt))\b:?")
+_HUB_MARKERS = (
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "outgoing traffic has been disabled",
+    "Couldn't reach",
+    "NameResolutionError",
+    "_DownloadDeadlineError",
+    "Max retries exceeded with url",
+    "modelscope_hub.errors.NetworkError",
+    "ConnectionError: Couldn't",
+)
+_HUB_ID_IN_LINE = re.compile(r"'(?P<id>[A-Za-z0-9][\w.\-]*/[\w.\-]+)'|/api/v1/models/(?P<mid>[\w.\-]+/[\w.\-]+)/")
+_SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV", 2: "SIGINT"}
+
+
+def last_error_line(lines: list[str]) -> str:
+    """The most meaningful error line: the last exception line of the last traceback, else the
+    last ``[ERROR`` line, else the last non-empty line."""
+    for line in reversed(lines):
+        text = line.strip()
+        if _EXCEPTION_LINE.match(text):
+            return text
+    for line in reversed(lines):
+        if "[ERROR" in line or "Error:" in line:
+            return line.strip()
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def explain_failure(lines: list[str], exit_code: int | None, *, offline: bool) -> str:
+    """A plain-English reason for a failed run, followed by swift's own last error line."""
+    error = last_error_line(lines)
+    tail = "\n".join(lines[-200:])
+    if any(marker in tail for marker in _HUB_MARKERS):
+        match = _HUB_ID_IN_LINE.search(error) or _HUB_ID_IN_LINE.search(tail)
+        name = (match.group("id") or match.group("mid")) if match else "a model or dataset"
+        where = (
+            "this platform runs offline (FINETUNE_OFFLINE is on), so nothing can be downloaded"
+            if offline
+            else "the hub could not be reached from this server"
+        )
+        return (
+            f"Could not download {name} from the model hub: {where}. Use a local model folder under an "
+            f"allowed model root, or upload the dataset and use its id.\nswift said: {error}"
+        )
+    if exit_code is not None and exit_code > 128 and (256 - exit_code) in _SIGNALS:
+        sig = 256 - exit_code
+        hint = " (often the out-of-memory killer)" if sig == 9 else ""
+        return f"The training process was killed by {_SIGNALS[sig]}{hint}.\nLast output: {error}"
+    if exit_code is not None and exit_code < 0:
+        name = _SIGNALS.get(-exit_code, f"signal {-exit_code}")
+        return f"swift was killed by {name}.\nLast output: {error}"
+    if "out of memory" in tail.lower() and "cuda" in tail.lower():
+        return f"The GPU ran out of memory. Lower the batch size or max_length, or use QLoRA.\nswift said: {error}"
+    if error:
+        return f"swift exited with code {exit_code}: {error}"
+    return f"swift exited with code {exit_code} without printing an error."
