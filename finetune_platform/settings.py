@@ -36,10 +36,16 @@ def _load_dotenv(path: Path) -> None:
 _load_dotenv(BASE_DIR / ".env")
 
 # --- Where the platform keeps its state ------------------------------------------------------
-DATA_DIR = Path(env_str("FINETUNE_DATA_DIR", str(BASE_DIR / "data"))).expanduser().resolve()
+def _dir(name: str, default: Path) -> Path:
+    """A directory from the environment; relative paths are taken from the repository root."""
+    path = Path(env_str(name, str(default))).expanduser()
+    return (path if path.is_absolute() else BASE_DIR / path).resolve()
+
+
+DATA_DIR = _dir("FINETUNE_DATA_DIR", BASE_DIR / "data")
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 WORKSPACES_DIR = DATA_DIR / "workspaces"
-HUB_CACHE_DIR = Path(env_str("FINETUNE_HUB_CACHE_DIR", str(DATA_DIR / "hub-cache"))).expanduser().resolve()
+HUB_CACHE_DIR = _dir("FINETUNE_HUB_CACHE_DIR", DATA_DIR / "hub-cache")
 
 
 def _secret_key() -> str:

@@ -117,9 +117,11 @@ class TaskRun:
                 if now - self.stop_signalled_at >= settings.FINETUNE_STOP_GRACE_SECONDS:
                     signal_group(self.proc.pid, signal.SIGKILL)
                     self.killed = True
-            if self.proc.poll() is not None:
+            try:
+                self.proc.wait(timeout=poll)  # returns the moment swift exits
                 break
-            time.sleep(poll)
+            except subprocess.TimeoutExpired:
+                pass
         # The wrapper is gone; make sure nothing of its group outlives it (dataloader workers,
         # an orphaned trainer), then read the last of the output.
         stop_group(self.proc.pid, grace=min(5.0, settings.FINETUNE_STOP_GRACE_SECONDS))

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from django.conf import settings
 from tasks.models import EventKind, FinetuningTask, TaskStatus
 from tasks.publisher import publish_event
 

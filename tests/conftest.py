@@ -158,9 +158,11 @@ def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., sub
 
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            # SIGTERM to the cluster's main process only: it stops its children in order (a SIGTERM
+            # to the whole group wedges django-q2's shutdown).
+            proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)

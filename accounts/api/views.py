@@ -39,8 +39,11 @@ class ApiTokenViewSet(
     """Your API tokens. ``POST`` creates a named token; ``DELETE`` revokes one."""
 
     serializer_class = ApiTokenSerializer
+    queryset = ApiToken.objects.none()
 
     def get_queryset(self) -> QuerySet[ApiToken]:
+        if getattr(self, "swagger_fake_view", False):
+            return ApiToken.objects.none()
         # Tokens are personal even for staff: nobody lists or revokes another user's tokens here.
         return ApiToken.objects.filter(user=self.request.user)
 
