@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run worker web test lint format check bench-overhead clean
+.PHONY: install run worker web test browser lint format check bench-overhead clean
 
 install: $(VENV)/.installed $(SWIFT_VENV)/.installed
 
@@ -44,8 +44,16 @@ web: install
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) finetune_platform.asgi:application
 
 ## Run the checks and the whole test suite (DATABASE_URL / REDIS_URL pick PostgreSQL / Redis).
-test: install check
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+## Browser tests (Playwright, sync API) run in a process of their own, after the rest.
+test: install check browser
+	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m e2e $(PYTEST_ARGS)
+
+## Debian's Chromium for the browser tests (Playwright never downloads a browser here).
+browser:
+	@test -x /usr/bin/chromium || { echo "Installing Debian's chromium for the browser tests"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  { echo "Could not install chromium; run: sudo apt-get install -y chromium"; exit 1; }; }
 
 check:
 	$(VENV)/bin/ruff check .

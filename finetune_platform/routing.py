@@ -1,5 +1,8 @@
-"""WebSocket routes of every app (consumers arrive with the live pages, issue #4)."""
+"""WebSocket routes of every app, mounted by ``finetune_platform.asgi`` behind the origin check and
+the session auth middleware."""
 
 from django.urls import URLPattern
 
-websocket_urlpatterns: list[URLPattern] = []
+from tasks.routing import websocket_urlpatterns as task_routes
+
+websocket_urlpatterns: list[URLPattern] = [*task_routes]

@@ -181,6 +181,8 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "finetune_platform.api.exception_handler",
+    # Password guessing against POST /api/auth/token/ (per client IP).
+    "DEFAULT_THROTTLE_RATES": {"login": env_str("FINETUNE_LOGIN_RATE", "20/min")},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Finetune Platform API",
@@ -217,8 +219,25 @@ FINETUNE_SWIFT_BIN = env_str("FINETUNE_SWIFT_BIN") or _default_swift()
 FINETUNE_MODEL_ROOTS = env_paths("FINETUNE_MODEL_ROOTS")
 FINETUNE_OFFLINE = env_bool("FINETUNE_OFFLINE", False)
 FINETUNE_HOST = env_str("FINETUNE_HOST") or socket.gethostname()
-# Concurrent training slots on this host (until the GPU scheduler assigns real devices).
+# Concurrent training tasks on the platform until the GPU scheduler (gpus app) assigns devices.
 FINETUNE_SLOTS = env_int("FINETUNE_SLOTS", 1, minimum=1, maximum=64)
+# --- Compute inventory and scheduling (gpus app; the scheduler itself is in progress) ---
+FINETUNE_GPU_BACKEND = env_str("FINETUNE_GPU_BACKEND", "nvml")
+if FINETUNE_GPU_BACKEND not in ("nvml", "fake", "none"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"FINETUNE_GPU_BACKEND={FINETUNE_GPU_BACKEND!r}: use nvml, fake or none")
+# The fake backend's cards: "2x80" (two 80 GB GPUs), "80,24", or JSON [{"name", "memory_gb"}].
+FINETUNE_FAKE_GPUS = env_str("FINETUNE_FAKE_GPUS", "")
+# CPU slots this host offers; default 1 on a host without GPUs, 0 on a GPU host.
+FINETUNE_CPU_SLOTS: int | None = (
+    env_int("FINETUNE_CPU_SLOTS", 0, minimum=0, maximum=64) if env_str("FINETUNE_CPU_SLOTS") else None
+)
+FINETUNE_GPU_REFRESH_SECONDS = env_float("FINETUNE_GPU_REFRESH_SECONDS", 3.0, minimum=0.2)
+# A host whose agent has not reported for this long takes no new work.
+FINETUNE_HOST_STALE_SECONDS = env_float("FINETUNE_HOST_STALE_SECONDS", 30.0, minimum=1.0)
+# Backfill: a later task may pass a blocked queue head only until the head has waited this long.
+FINETUNE_BACKFILL_MAX_WAIT_SECONDS = env_float("FINETUNE_BACKFILL_MAX_WAIT_SECONDS", 600.0, minimum=0.0)
 FINETUNE_STOP_GRACE_SECONDS = env_float("FINETUNE_STOP_GRACE_SECONDS", 30.0, minimum=0.0)
 # How long a stop request waits for the process to end before answering (it keeps going after).
 FINETUNE_STOP_WAIT_SECONDS = env_float("FINETUNE_STOP_WAIT_SECONDS", 3.0, minimum=0.0)
@@ -226,7 +245,7 @@ FINETUNE_MAX_RUNTIME_HOURS = env_int("FINETUNE_MAX_RUNTIME_HOURS", 7 * 24, minim
 FINETUNE_HEARTBEAT_SECONDS = env_float("FINETUNE_HEARTBEAT_SECONDS", 5.0, minimum=0.5)
 # A running task whose runner has not reported for this long is considered lost.
 FINETUNE_LOST_AFTER_SECONDS = env_float("FINETUNE_LOST_AFTER_SECONDS", 120.0, minimum=5.0)
-FINETUNE_POLL_SECONDS = env_float("FINETUNE_POLL_SECONDS", 0.25, minimum=0.01)
+FINETUNE_POLL_SECONDS = env_float("FINETUNE_POLL_SECONDS", 0.1, minimum=0.01)
 # Extra variables a swift process inherits (names or shell-style patterns, comma-separated).
 FINETUNE_ENV_PASSTHROUGH = env_list("FINETUNE_ENV_PASSTHROUGH", [])
 FINETUNE_MASTER_PORT_BASE = env_int("FINETUNE_MASTER_PORT_BASE", 29500, minimum=1024, maximum=64000)
@@ -243,6 +262,7 @@ _max_runtime = FINETUNE_MAX_RUNTIME_HOURS * 3600
 Q_CLUSTER = {
     "name": env_str("Q_CLUSTER_NAME_BASE", "finetune"),
     "orm": "default",
+    # `manage.py worker` raises this to (GPUs + CPU slots + 2) once it has discovered the host.
     "workers": env_int("FINETUNE_WORKERS", FINETUNE_SLOTS + 2, minimum=2),
     "timeout": _max_runtime + 3600,
     "retry": _max_runtime + 86400,

@@ -2,10 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from tasks import views as task_views
-
 urlpatterns = [
-    path("", task_views.home, name="home"),
+    path("", include("tasks.urls")),
     path("accounts/", include("accounts.urls")),
     path("admin/", admin.site.urls),
     path("api/auth/", include("accounts.api.urls")),
@@ -15,4 +13,5 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="api-redoc"),
     path("api/browse/", include("rest_framework.urls")),
     path("finetuning/", include("tasks.api.compat_urls")),
+    path("i18n/", include("django.conf.urls.i18n")),  # set_language: the language switcher
 ]

@@ -1,1 +1,113 @@
-"""GPU inventory and reservations: built by the scheduler issue (#3)."""
+"""The compute inventory: hosts, their GPUs and CPU slots, and who holds what.
+
+A GPU is identified by its UUID (NVML indices are not stable across reboots). A holder books a GPU
+or a CPU slot with a :class:`Reservation` row; unique constraints make a double booking impossible
+at the database level, whatever the dispatchers do concurrently.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class HostQuerySet(models.QuerySet):
+    def live(self) -> HostQuerySet:
+        """Hosts whose worker reported recently (others take no new work)."""
+        cutoff = timezone.now() - timedelta(seconds=settings.FINETUNE_HOST_STALE_SECONDS)
+        return self.filter(last_seen_at__gte=cutoff)
+
+
+class Host(models.Model):
+    """A machine running a worker. Created and refreshed by that worker's GPU agent."""
+
+    name = models.CharField(_("name"), max_length=255, unique=True)
+    gpu_backend = models.CharField(_("GPU backend"), max_length=16, default="nvml")
+    gpu_error = models.TextField(_("GPU discovery problem"), blank=True)
+    cpu_slots = models.PositiveSmallIntegerField(_("CPU slots"), default=0)
+    enabled = models.BooleanField(_("enabled"), default=True, help_text=_("A disabled host takes no new work."))
+    last_seen_at = models.DateTimeField(_("last seen"), null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = HostQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_live(self) -> bool:
+        if self.last_seen_at is None:
+            return False
+        return timezone.now() - self.last_seen_at < timedelta(seconds=settings.FINETUNE_HOST_STALE_SECONDS)
+
+
+class Gpu(models.Model):
+    """One physical GPU, as NVML last reported it."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField(_("index"))
+    uuid = models.CharField(_("UUID"), max_length=96, unique=True)
+    name = models.CharField(_("model"), max_length=128)
+    memory_total_mb = models.PositiveIntegerField(_("memory total (MiB)"), default=0)
+    memory_used_mb = models.PositiveIntegerField(_("memory used (MiB)"), default=0)
+    utilization_pct = models.PositiveSmallIntegerField(_("utilization (%)"), default=0)
+    temperature_c = models.PositiveSmallIntegerField(_("temperature (°C)"), null=True, blank=True)
+    processes = models.JSONField(_("processes"), default=list, blank=True)
+    present = models.BooleanField(_("present"), default=True, help_text=_("Seen in the last discovery."))
+    enabled = models.BooleanField(
+        _("enabled"), default=True,
+        help_text=_("Disabled (draining): takes no new task; a running task finishes."),
+    )
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        ordering = ["host__name", "index"]
+        constraints = [models.UniqueConstraint(fields=["host", "index"], name="gpu_host_index")]
+
+    def __str__(self) -> str:
+        return f"{self.host.name}:{self.index} {self.name}"
+
+    @property
+    def memory_total_gb(self) -> float:
+        return round(self.memory_total_mb / 1024, 1)
+
+
+class Reservation(models.Model):
+    """A GPU or a CPU slot booked by a task (deployments join in their issue).
+
+    Exactly one of ``gpu`` / ``cpu_slot`` is set. Deleting the row releases the resource; the
+    reservation is deleted with its holder (CASCADE), so a deleted task can never leak one.
+    """
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="reservations")
+    gpu = models.ForeignKey(Gpu, on_delete=models.CASCADE, null=True, blank=True, related_name="reservations")
+    cpu_slot = models.PositiveSmallIntegerField(null=True, blank=True)
+    task = models.ForeignKey(
+        "tasks.FinetuningTask", on_delete=models.CASCADE, null=True, blank=True, related_name="reservations"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["host__name", "gpu__index", "cpu_slot"]
+        constraints = [
+            models.UniqueConstraint(fields=["gpu"], condition=models.Q(gpu__isnull=False), name="one_holder_per_gpu"),
+            models.UniqueConstraint(
+                fields=["host", "cpu_slot"], condition=models.Q(cpu_slot__isnull=False), name="one_holder_per_cpu_slot"
+            ),
+            models.CheckConstraint(
+                condition=(models.Q(gpu__isnull=False, cpu_slot__isnull=True)
+                           | models.Q(gpu__isnull=True, cpu_slot__isnull=False)),
+                name="reservation_gpu_xor_cpu",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        what = f"GPU {self.gpu.index}" if self.gpu_id else f"CPU slot {self.cpu_slot}"
+        return f"{self.host.name} {what} → task {self.task_id}"

@@ -47,7 +47,13 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
                     "host", "created_at", "finished_at"]
     list_filter = ["status", "task_type", "train_type", "owner", "host"]
     search_fields = ["name", "description", "base_model", "owner__username"]
-    readonly_fields = RUNTIME_FIELDS
+    # A task's definition was validated by the service when it was created; editing it here would
+    # bypass that validation (and the resolved model path would no longer match), so only the name,
+    # description and priority stay editable.
+    readonly_fields = [
+        "owner", "task_type", "train_type", "preset", "base_model", "datasets", "training_args", "gpu_config",
+        "output_name", *RUNTIME_FIELDS,
+    ]
     list_select_related = ["owner"]
     inlines = [TaskEventInline]
     actions = ["stop_tasks", "delete_tasks"]

@@ -91,7 +91,7 @@ def normalize_gpu_config(raw: Any) -> dict[str, Any]:
 def resolve_dataset_argument(task: FinetuningTask, spec: Any) -> str:
     """Turn one entry of ``task.datasets`` into what ``--dataset`` receives, re-checking at launch
     (a file can vanish or be swapped for a symlink after the task was created)."""
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+    if isinstance(spec, int) or (isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec)):
         dataset = Dataset.objects.filter(pk=int(spec), owner_id=task.owner_id).first()
         if dataset is None:
             raise LaunchError(f"Dataset {spec} no longer exists (it was deleted after the task was created).")
@@ -207,7 +207,7 @@ def validate_dataset_specs(owner_id: int, specs: Any) -> list[Any]:
     for spec in specs:
         if isinstance(spec, bool):
             raise PathError(f"{spec!r} is not a dataset")
-        if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        if isinstance(spec, int) or (isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec.strip())):
             pk = int(spec)
             if not Dataset.objects.filter(pk=pk, owner_id=owner_id).exists():
                 raise PathError(f"dataset {pk} does not exist")

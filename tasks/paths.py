@@ -82,13 +82,22 @@ def resolve_model(value: str, roots: list[Path] | None = None) -> ResolvedModel:
     parts = Path(value).parts
     if ".." in parts:
         raise PathError("the model path must not contain '..'")
+    if len(value) > 1000 or any(len(part) > 255 for part in parts):
+        raise PathError("the model name is too long")
     candidate_paths: list[tuple[Path, Path]] = []
     if Path(value).is_absolute():
-        candidate_paths = [(Path(value), root) for root in roots]
+        # Only the roots the path names lexically; a symlink inside one that resolves elsewhere
+        # is caught below.
+        candidate_paths = [(Path(value), root) for root in roots
+                           if Path(value).is_relative_to(root) or is_within(Path(value), root)]
     else:
         candidate_paths = [(root / value, root) for root in roots]
     for path, root in candidate_paths:
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError:
+            exists = False
+        if not exists:
             continue
         if not is_within(path, root):
             # Exists under a root by name but resolves elsewhere: a symlink escaping the root.

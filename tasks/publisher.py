@@ -30,6 +30,9 @@ PROGRESS_FIELDS = (
 )
 
 
+MAX_BROADCAST_LINES = 500
+
+
 def task_group(task_id: int) -> str:
     return f"task.{int(task_id)}"
 
@@ -63,7 +66,7 @@ def _iso(moment: datetime) -> str:
 class ProgressPublisher:
     """Collects a run's output and flushes it to the database at most every ``interval`` seconds."""
 
-    def __init__(self, task: FinetuningTask, *, interval: float = 0.3) -> None:
+    def __init__(self, task: FinetuningTask, *, interval: float = 0.15) -> None:
         self.task = task
         self.interval = interval
         self._lines: list[tuple[str, datetime]] = []
@@ -133,7 +136,10 @@ class ProgressPublisher:
                 FinetuningTask.objects.filter(pk=task.pk).update(**{f: getattr(task, f) for f in dirty})
         payload: dict[str, Any] = {f: getattr(task, f) for f in PROGRESS_FIELDS}
         if rows:
-            payload["lines"] = [{"seq": r.seq, "text": r.text, "time": _iso(r.created_at)} for r in rows]
+            # A burst is not broadcast whole (a message of megabytes times out in the layer); the
+            # consumer reads the lines it was not sent from the database, by sequence number.
+            payload["lines"] = [{"seq": r.seq, "text": r.text, "time": _iso(r.created_at)}
+                                for r in rows[:MAX_BROADCAST_LINES]]
         if points:
             payload["metrics"] = [self._metric_payload(p) for p in points]
         broadcast(task, payload)

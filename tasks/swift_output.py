@@ -237,7 +237,7 @@ def checkpoint_saved(line: str) -> str | None:
 
 # --- Why did it fail? ----------------------------------------------------------------------------
 
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Z]\w*(?:Error|Exception|Exit|Interrupt))\b:?")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>_?(?:[A-Z]\w*?)?(?:Error|Exception|Exit|Interrupt))\b:?")
 _HUB_MARKERS = (
     "OfflineModeIsEnabled",
     "LocalEntryNotFoundError",
@@ -249,7 +249,10 @@ _HUB_MARKERS = (
     "modelscope_hub.errors.NetworkError",
     "ConnectionError: Couldn't",
 )
-_HUB_ID_IN_LINE = re.compile(r"'(?P<id>[A-Za-z0-9][\w.\-]*/[\w.\-]+)'|/api/v1/models/(?P<mid>[\w.\-]+/[\w.\-]+)/")
+_HUB_ID_IN_LINE = re.compile(
+    r"'(?P<id>[A-Za-z0-9][\w.\-]*/[\w.\-]+)'|/api/v1/models/(?P<mid>[\w.\-]+/[\w.\-]+)/"
+    r"|Dataset (?P<did>[A-Za-z0-9][\w.\-]*/[\w.\-]+) load failed"
+)
 _SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV", 2: "SIGINT"}
 
 
@@ -275,7 +278,7 @@ def explain_failure(lines: list[str], exit_code: int | None, *, offline: bool) -
     tail = "\n".join(lines[-200:])
     if any(marker in tail for marker in _HUB_MARKERS):
         match = _HUB_ID_IN_LINE.search(error) or _HUB_ID_IN_LINE.search(tail)
-        name = (match.group("id") or match.group("mid")) if match else "a model or dataset"
+        name = (match.group("id") or match.group("mid") or match.group("did")) if match else "a model or dataset"
         where = (
             "this platform runs offline (FINETUNE_OFFLINE is on), so nothing can be downloaded"
             if offline

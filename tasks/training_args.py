@@ -132,7 +132,11 @@ def _check_number(key: str, spec: ArgSpec, value: Any) -> int | float:
             raise ValueError(f"{value!r} is not a number") from None
     else:
         number = value
-    if not math.isfinite(number):
+    try:
+        finite = math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"must be at most {spec.maximum:g}") from None
+    if not finite:
         raise ValueError("must be a finite number")
     if spec.kind == "int":
         if number != int(number):
@@ -142,6 +146,8 @@ def _check_number(key: str, spec: ArgSpec, value: Any) -> int | float:
         raise ValueError(f"must be at least {spec.minimum:g}")
     if spec.maximum is not None and number > spec.maximum:
         raise ValueError(f"must be at most {spec.maximum:g}")
+    if number == 0:
+        number = type(number)(0)  # -0.0 would render as "-0.0", which looks like a flag
     return number
 
 

@@ -1,17 +1,301 @@
-"""Server-rendered pages. The full portal is issue #4; this is the landing page after log-in."""
+"""The portal's server-rendered pages (issue #4). Thin: reads go through ``tasks.selectors`` (so
+another user's task or dataset is a 404 on every page) and changes through ``tasks.services``;
+the live parts are the WebSocket consumers in ``tasks.consumers``."""
 
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from typing import Any
 
-from tasks import selectors
-from tasks.presets import all_presets
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_http_methods, require_POST
+
+from finetune_platform.errors import ServiceValidationError
+from tasks import selectors, services
+from tasks.consumers import task_state
+from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
+from tasks.models import EventKind, TaskStatus, TaskType
+from tasks.presets import Preset, all_presets
+
+PAGE_SIZE = 20
+#: The detail page asks its socket for this many of the last log lines (the full log is a download).
+LOG_TAIL = 5000
+
+
+def _status_labels() -> dict[str, str]:
+    return {value: str(label) for value, label in TaskStatus.choices}
+
+
+def _live_labels() -> dict[str, Any]:
+    """Strings the pages' JavaScript shows, in the page's language."""
+    return {
+        "status": _status_labels(),
+        "events": {value: str(label) for value, label in EventKind.choices},
+        "connected": _("Live"),
+        "connecting": _("Connecting…"),
+        "reconnecting": _("Reconnecting…"),
+        "deleted": _("This task was deleted."),
+        "paused": _("Auto-scroll paused — jump to the latest line"),
+        "matches": _("%(n)s matching lines"),
+        "stepOf": _("step %(step)s of %(max)s"),
+        "trainLoss": _("Training loss"),
+        "evalLoss": _("Evaluation loss"),
+        "learningRate": _("Learning rate"),
+        "step": _("Step"),
+        "newTasks": _("There are new tasks."),
+        # The same formats as tasks/templatetags/task_format.py uses.
+        "durations": {
+            "dh": _("%(d)dd %(h)02dh"),
+            "hm": _("%(h)dh %(m)02dm"),
+            "ms": _("%(m)dm %(s)02ds"),
+            "s": _("%(s)ds"),
+        },
+    }
+
+
+# --- dashboard and task list ---------------------------------------------------------------------
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    """The dashboard: counts by status, the latest tasks (live), presets and datasets."""
+    tasks = list(selectors.finetuning_task_list(user=request.user)[:8])
+    counts = selectors.finetuning_task_status_counts(user=request.user)
+    context = {
+        "tasks": tasks,
+        "counts": counts,
+        "active_count": sum(counts.get(s, 0) for s in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING)),
+        "total": sum(counts.values()),
+        "dataset_count": selectors.dataset_list(user=request.user).count(),
+        "presets": all_presets(),
+        "live_labels": _live_labels(),
+        "latest_id": tasks[0].pk if tasks else 0,
+    }
+    return render(request, "tasks/home.html", context)
 
 
 @login_required
-def home(request: HttpRequest) -> HttpResponse:
-    tasks = selectors.finetuning_task_list(user=request.user)[:20]
-    datasets = selectors.dataset_list(user=request.user)[:20]
-    return render(request, "tasks/home.html", {"tasks": tasks, "datasets": datasets, "presets": all_presets()})
+def task_list(request: HttpRequest) -> HttpResponse:
+    """The user's tasks: filter by status and type, search by name, 20 a page; rows update live."""
+    queryset = selectors.finetuning_task_list(user=request.user)
+    status = request.GET.get("status", "")
+    task_type = request.GET.get("type", "")
+    query = request.GET.get("q", "").strip()
+    if status in TaskStatus.values:
+        queryset = queryset.filter(status=status)
+    if task_type in TaskType.values:
+        queryset = queryset.filter(task_type=task_type)
+    if query:
+        queryset = queryset.filter(
+            Q(name__icontains=query) | Q(base_model__icontains=query) | Q(output_name__icontains=query)
+        )
+    page = Paginator(queryset, PAGE_SIZE).get_page(request.GET.get("page"))
+    params = request.GET.copy()
+    params.pop("page", None)
+    context = {
+        "page": page,
+        "tasks": list(page.object_list),
+        "status": status,
+        "task_type": task_type,
+        "query": query,
+        "filtered": bool(status or task_type or query),
+        "statuses": TaskStatus.choices,
+        "task_types": TaskType.choices,
+        "querystring": params.urlencode(),
+        "live_labels": _live_labels(),
+        "latest_id": selectors.finetuning_task_list(user=request.user)
+        .order_by("-pk")
+        .values_list("pk", flat=True)
+        .first()
+        or 0,
+    }
+    return render(request, "tasks/task_list.html", context)
+
+
+# --- new task ------------------------------------------------------------------------------------
+def _preset_forms(request: HttpRequest, bound: PresetTaskForm | None = None) -> list[tuple[Preset, PresetTaskForm]]:
+    forms_: list[tuple[Preset, PresetTaskForm]] = []
+    for preset in all_presets():
+        if bound is not None and bound.data.get("preset") == preset.name:
+            forms_.append((preset, bound))
+            continue
+        initial = {"preset": preset.name, **GpuRequestForm.initial_for(dict(preset.gpu_config))}
+        forms_.append((preset, PresetTaskForm(initial=initial, prefix=f"preset-{preset.name}")))
+    return forms_
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def task_create(request: HttpRequest) -> HttpResponse:
+    """Create a task from a preset (one click) or from scratch."""
+    datasets = list(selectors.dataset_list(user=request.user))
+    bound_preset: PresetTaskForm | None = None
+    form: TaskForm
+    if request.method == "POST" and request.POST.get("mode") == "preset":
+        name = request.POST.get("preset_name", "")
+        bound_preset = PresetTaskForm(request.POST, prefix=f"preset-{name}")
+        if bound_preset.is_valid():
+            try:
+                task = services.finetuning_task_create_from_preset(
+                    owner=request.user,
+                    preset=bound_preset.cleaned_data["preset"],
+                    name=bound_preset.cleaned_data.get("name") or "",
+                    output_name=bound_preset.cleaned_data.get("output_name") or "",
+                    gpu_config=bound_preset.gpu_config(),
+                )
+            except ServiceValidationError as exc:
+                apply_service_errors(bound_preset, exc.errors)
+            else:
+                messages.success(request, _("Task “%(name)s” created.") % {"name": task.name})
+                return redirect("task_detail", pk=task.pk)
+        form = TaskForm(datasets=datasets)
+    elif request.method == "POST":
+        form = TaskForm(request.POST, datasets=datasets)
+        if form.is_valid():
+            try:
+                task = services.finetuning_task_create(owner=request.user, **form.service_kwargs())
+            except ServiceValidationError as exc:
+                apply_service_errors(form, exc.errors)
+            else:
+                messages.success(request, _("Task “%(name)s” created.") % {"name": task.name})
+                return redirect("task_detail", pk=task.pk)
+    else:
+        initial: dict[str, Any] = {}
+        from_preset = request.GET.get("from_preset")
+        for preset in all_presets():
+            if preset.name == from_preset:
+                initial = TaskForm.initial_from_preset(preset)
+        form = TaskForm(initial=initial, datasets=datasets)
+    context = {
+        "form": form,
+        "preset_forms": _preset_forms(request, bound_preset),
+        "datasets": datasets,
+        "custom_open": request.method == "POST" and bound_preset is None or bool(request.GET.get("from_preset")),
+    }
+    return render(request, "tasks/task_form.html", context, status=400 if request.method == "POST" else 200)
+
+
+# --- one task ------------------------------------------------------------------------------------
+@login_required
+def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """Status, progress, charts, the live log, events, command and outputs of one task."""
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    tail_after = max(0, task.last_log_seq - LOG_TAIL)
+    context = {
+        "task": task,
+        "events": list(selectors.task_events(task=task)),
+        "checkpoints": selectors.task_checkpoints(task=task),
+        "tail_after": tail_after,
+        "live_labels": _live_labels(),
+        "initial_state": task_state(task),
+        "download_url": reverse("task-logs-download", args=[task.pk]),
+    }
+    return render(request, "tasks/task_detail.html", context)
+
+
+@login_required
+@require_POST
+def task_stop(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    was_running = task.status == TaskStatus.RUNNING
+    services.finetuning_task_stop(task=task)
+    if was_running:
+        messages.info(
+            request, _("Stopping “%(name)s”: the process gets a few seconds to save and exit.") % {"name": task.name}
+        )
+    else:
+        messages.success(request, _("“%(name)s” is stopped.") % {"name": task.name})
+    return redirect("task_detail", pk=task.pk)
+
+
+@login_required
+@require_POST
+def task_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    services.finetuning_task_delete(task=task)
+    messages.success(request, _("“%(name)s” was deleted. Its model output stays on disk.") % {"name": task.name})
+    return redirect("task_list")
+
+
+# --- datasets ------------------------------------------------------------------------------------
+@login_required
+def dataset_list(request: HttpRequest) -> HttpResponse:
+    datasets = selectors.dataset_list(user=request.user)
+    page = Paginator(datasets, PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "tasks/dataset_list.html", {"page": page, "datasets": list(page.object_list)})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def dataset_upload(request: HttpRequest) -> HttpResponse:
+    """Upload a dataset; a broken file is refused with the line number and the reason next to the input."""
+    form = DatasetUploadForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            dataset = services.dataset_create(
+                owner=request.user,
+                upload=form.cleaned_data["file"],
+                name=form.cleaned_data.get("name") or "",
+                description=form.cleaned_data.get("description") or "",
+            )
+        except ServiceValidationError as exc:
+            apply_service_errors(form, exc.errors)
+        else:
+            messages.success(
+                request,
+                _("Dataset “%(name)s” uploaded: %(rows)s rows, %(format)s.")
+                % {"name": dataset.name, "rows": dataset.rows, "format": dataset.get_format_display()},
+            )
+            return redirect("dataset_list")
+    status = 400 if request.method == "POST" else 200
+    return render(request, "tasks/dataset_upload.html", {"form": form}, status=status)
+
+
+@login_required
+@require_POST
+def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = selectors.dataset_get(user=request.user, pk=pk)
+    services.dataset_delete(dataset=dataset)
+    messages.success(request, _("Dataset “%(name)s” was deleted.") % {"name": dataset.name})
+    return redirect("dataset_list")
+
+
+# --- pages that arrive with later issues -----------------------------------------------------------
+@login_required
+def gpu_list(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "tasks/placeholder.html",
+        {
+            "title": _("GPUs"),
+            "message": _("The GPU overview is coming with the GPU scheduler."),
+        },
+    )
+
+
+@login_required
+def queue(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "tasks/placeholder.html",
+        {
+            "title": _("Queue"),
+            "message": _("The queue view is coming with the GPU scheduler."),
+        },
+    )
+
+
+@login_required
+def deployment_list(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "tasks/placeholder.html",
+        {
+            "title": _("Deployments"),
+            "message": _("Model deployments are coming with deployments."),
+        },
+    )

@@ -5,6 +5,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_seriali
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from accounts.api.serializers import ApiTokenCreateSerializer, ApiTokenSerializer, TokenObtainSerializer
@@ -22,6 +23,7 @@ class TokenObtainView(APIView):
 
     permission_classes = [permissions.AllowAny]
     authentication_classes: list = []
+    throttle_classes = [ScopedRateThrottle]
     throttle_scope = "login"
 
     @extend_schema(request=TokenObtainSerializer, responses={200: _token_response, 400: OpenApiResponse()})

@@ -1,0 +1,139 @@
+"""Where a task can run: pure functions over a snapshot of the inventory (no database access).
+
+A request comes from a task's ``gpu_config`` (``{"count": N}``, ``{"devices": "0,1"}``,
+``{"cpu": true}``, optional ``min_memory_gb``; ``{}`` means one GPU where the host has GPUs, else a
+CPU slot) and its memory estimate. All GPUs of a task are on one host. Among the hosts that fit,
+the one with the fewest free GPUs wins (best fit: keeps large blocks of GPUs free for large tasks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    id: int
+    host: str
+    index: int
+    uuid: str
+    memory_total_mb: int
+
+
+@dataclass
+class HostState:
+    name: str
+    gpus: list[GpuSlot] = field(default_factory=list)  # every enabled, present GPU
+    free_gpu_ids: set[int] = field(default_factory=set)
+    cpu_slots: int = 0
+    free_cpu_slots: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str  # "gpu" | "cpu" | "auto"
+    count: int = 1
+    devices: tuple[str, ...] = ()
+    min_memory_mb: int = 0
+
+    @classmethod
+    def from_task(cls, gpu_config: dict, memory_estimate_gb: float | None) -> Request:
+        explicit = gpu_config.get("min_memory_gb")
+        memory_gb = explicit if explicit is not None else (memory_estimate_gb or 0)
+        min_mb = int(float(memory_gb) * 1024)
+        if gpu_config.get("cpu"):
+            return cls(kind="cpu")
+        if gpu_config.get("devices"):
+            devices = tuple(str(gpu_config["devices"]).split(","))
+            return cls(kind="gpu", count=len(devices), devices=devices, min_memory_mb=min_mb)
+        if gpu_config.get("count"):
+            return cls(kind="gpu", count=int(gpu_config["count"]), min_memory_mb=min_mb)
+        return cls(kind="auto", min_memory_mb=min_mb)
+
+    def wants_gpu_on(self, host: HostState) -> bool:
+        return self.kind == "gpu" or (self.kind == "auto" and bool(host.gpus))
+
+
+@dataclass(frozen=True)
+class Placement:
+    host: str
+    gpu_ids: tuple[int, ...] = ()
+    cpu_slot: int | None = None
+
+
+def _matching(host: HostState, request: Request, *, free_only: bool) -> list[GpuSlot] | None:
+    pool = [g for g in host.gpus if (not free_only or g.id in host.free_gpu_ids)]
+    pool = [g for g in pool if g.memory_total_mb >= request.min_memory_mb]
+    if request.devices:
+        chosen = []
+        for device in request.devices:
+            found = [g for g in pool if str(g.index) == device or g.uuid == device]
+            if not found:
+                return None
+            chosen.append(found[0])
+        return chosen
+    count = request.count if request.kind == "gpu" else 1
+    if len(pool) < count:
+        return None
+    # Prefer the smallest cards that fit, so big cards stay free for big tasks.
+    return sorted(pool, key=lambda g: (g.memory_total_mb, g.index))[:count]
+
+
+def place(request: Request, hosts: list[HostState]) -> Placement | None:
+    """A placement on free resources now, or None."""
+    candidates: list[tuple[int, str, Placement]] = []
+    for host in hosts:
+        if request.wants_gpu_on(host):
+            chosen = _matching(host, request, free_only=True)
+            if chosen is not None:
+                candidates.append((len(host.free_gpu_ids), host.name,
+                                   Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen))))
+        elif host.free_cpu_slots and request.kind in ("cpu", "auto"):
+            candidates.append((len(host.free_cpu_slots), host.name,
+                               Placement(host=host.name, cpu_slot=min(host.free_cpu_slots))))
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def take(placement: Placement, hosts: list[HostState]) -> None:
+    """Mark a placement's resources as used in the snapshot."""
+    for host in hosts:
+        if host.name == placement.host:
+            host.free_gpu_ids -= set(placement.gpu_ids)
+            if placement.cpu_slot is not None:
+                host.free_cpu_slots.remove(placement.cpu_slot)
+
+
+def impossible_reason(request: Request, hosts: list[HostState]) -> str | None:
+    """Why a request can never be placed on the known inventory, or None if it could be.
+
+    With no known host at all nothing is decided (a worker may not have announced itself yet).
+    """
+    if not hosts:
+        return None
+    if request.kind == "cpu":
+        if not any(h.cpu_slots for h in hosts):
+            return "no host offers CPU slots; ask for GPUs instead (e.g. {\"count\": 1})"
+        return None
+    gpu_hosts = [h for h in hosts if h.gpus]
+    if request.kind == "auto" and not gpu_hosts:
+        return None if any(h.cpu_slots for h in hosts) else "no host offers GPUs or CPU slots"
+    if not gpu_hosts:
+        return "no host has GPUs; ask for a CPU slot with {\"cpu\": true}"
+    if any(_matching(h, request, free_only=False) is not None for h in gpu_hosts):
+        return None
+    most = max(len(h.gpus) for h in gpu_hosts)
+    biggest = max(g.memory_total_mb for h in gpu_hosts for g in h.gpus)
+    if request.devices:
+        known = sorted({str(g.index) for h in gpu_hosts for g in h.gpus}, key=lambda x: int(x))
+        if request.min_memory_mb > biggest:
+            return (f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has "
+                    f"{biggest / 1024:.0f} GiB")
+        return f"devices {','.join(request.devices)} do not exist on any single host (known devices: {','.join(known)})"
+    if request.count > most:
+        return f"asks for {request.count} GPUs but the largest host has {most}"
+    if request.min_memory_mb > biggest:
+        return (f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has "
+                f"{biggest / 1024:.0f} GiB; use QLoRA, more GPUs with DeepSpeed, or set gpu_config.min_memory_gb")
+    return f"no host has {request.count} GPUs with {request.min_memory_mb / 1024:.0f} GiB each"

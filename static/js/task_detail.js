@@ -1,0 +1,251 @@
+/* The task detail page: state, charts, log and events, live over /ws/tasks/<id>/.
+ *
+ * Log lines carry contiguous sequence numbers. The page remembers the last one it shows
+ * (`lastSeq`), drops any line it already has, and when a batch does not follow on it asks the
+ * server for a backfill from `lastSeq`. Every (re)connection sends `?after=<lastSeq>`, so a
+ * reconnect replays exactly the missing lines.
+ */
+(function () {
+  "use strict";
+  const root = document.getElementById("task-page");
+  if (!root) return;
+  const L = FTP.labels();
+  const names = L.status || {};
+  const eventNames = L.events || {};
+  const MAX_DOM_LINES = 5000;
+
+  let lastSeq = Number(root.dataset.after) || 0;
+  let backfillAsked = false;
+  const state = JSON.parse(document.getElementById("task-state").textContent);
+  let elapsedBase = { value: state.elapsed_seconds, at: Date.now() };
+
+  function field(name) { return root.querySelector('[data-field="' + name + '"]'); }
+
+  // --- state ---------------------------------------------------------------------------------------
+  function renderState() {
+    const badge = field("status");
+    badge.className = "badge badge-" + state.status;
+    badge.textContent = names[state.status] || state.status;
+    field("bar").style.width = Math.round(state.progress || 0) + "%";
+    field("progress").textContent = FTP.fmt.percent(state.progress);
+    field("step").textContent = state.max_steps ? state.current_step + " / " + state.max_steps : "–";
+    field("epoch").textContent = FTP.fmt.sig(state.epoch, 3);
+    field("eta").textContent = state.status === "running" ? FTP.fmt.duration(state.eta_seconds) : "–";
+    field("loss").textContent = FTP.fmt.sig(state.loss, 4);
+    field("lr").textContent = FTP.fmt.sig(state.learning_rate, 3);
+    field("checkpoint").textContent = state.last_checkpoint || "–";
+    const error = field("error");
+    error.textContent = state.error_message || "";
+    error.hidden = !state.error_message;
+    root.querySelectorAll("[data-show-when-active]").forEach(function (node) { node.hidden = !state.is_active; });
+    root.dataset.status = state.status;
+    tick();
+  }
+
+  function tick() {
+    if (elapsedBase.value === null || elapsedBase.value === undefined) {
+      field("elapsed").textContent = "–";
+      return;
+    }
+    const running = state.status === "running";
+    field("elapsed").textContent = FTP.fmt.duration(elapsedBase.value + (running ? (Date.now() - elapsedBase.at) / 1000 : 0));
+  }
+  window.setInterval(tick, 1000);
+
+  function applyState(changed) {
+    Object.assign(state, changed);
+    if ("elapsed_seconds" in changed) elapsedBase = { value: changed.elapsed_seconds, at: Date.now() };
+    renderState();
+  }
+
+  // --- charts ----------------------------------------------------------------------------------------
+  const points = { train: new Map(), eval: new Map() };
+  let charts = null;
+  let chartsDirty = false;
+
+  function makeCharts() {
+    if (!window.Chart) return null;
+    const common = {
+      animation: false, responsive: true, maintainAspectRatio: false, parsing: false, normalized: true,
+      interaction: { mode: "nearest", intersect: false },
+      scales: { x: { type: "linear", title: { display: true, text: L.step || "Step" } } },
+      // An empty series (no evaluation yet) leaves no crossed-out legend entry.
+      plugins: { legend: { display: true, labels: { filter: function (item, data) {
+        return data.datasets[item.datasetIndex].data.length > 0;
+      } } } },
+      elements: { point: { radius: 0, hitRadius: 6 }, line: { borderWidth: 2 } },
+    };
+    const loss = new window.Chart(document.getElementById("loss-chart"), {
+      type: "line",
+      data: { datasets: [
+        { label: L.trainLoss || "Training loss", data: [], borderColor: "#3b5bdb", backgroundColor: "#3b5bdb" },
+        { label: L.evalLoss || "Evaluation loss", data: [], borderColor: "#e8590c", backgroundColor: "#e8590c",
+          hidden: false, elements: { point: { radius: 3 } } },
+      ] },
+      options: common,
+    });
+    const lr = new window.Chart(document.getElementById("lr-chart"), {
+      type: "line",
+      data: { datasets: [{ label: L.learningRate || "Learning rate", data: [], borderColor: "#2b8a3e",
+        backgroundColor: "#2b8a3e" }] },
+      options: Object.assign({}, common, { scales: { x: common.scales.x, y: { ticks: { callback: function (v) {
+        return FTP.fmt.sig(v, 2);
+      } } } } }),
+    });
+    return { loss: loss, lr: lr };
+  }
+
+  function series(kind, key) {
+    const out = [];
+    points[kind].forEach(function (point, step) {
+      if (point[key] !== null && point[key] !== undefined) out.push({ x: step, y: point[key] });
+    });
+    out.sort(function (a, b) { return a.x - b.x; });
+    return out;
+  }
+
+  function drawCharts() {
+    chartsDirty = false;
+    if (!charts) charts = makeCharts();
+    if (!charts) return;
+    charts.loss.data.datasets[0].data = series("train", "loss");
+    charts.loss.data.datasets[1].data = series("eval", "loss");
+    charts.loss.data.datasets[1].hidden = charts.loss.data.datasets[1].data.length === 0;
+    charts.lr.data.datasets[0].data = series("train", "learning_rate");
+    charts.loss.update("none");
+    charts.lr.update("none");
+    root.dataset.chartPoints = String(charts.loss.data.datasets[0].data.length);
+  }
+
+  function addMetrics(metrics) {
+    metrics.forEach(function (m) {
+      const kind = m.kind === "eval" ? "eval" : "train";
+      points[kind].set(m.step, m);
+    });
+    const empty = root.querySelector("[data-empty-charts]");
+    if (empty && (points.train.size || points.eval.size)) empty.hidden = true;
+    if (!chartsDirty) {
+      chartsDirty = true;
+      window.requestAnimationFrame(drawCharts);
+    }
+  }
+
+  // --- log -------------------------------------------------------------------------------------------
+  const log = document.getElementById("log");
+  const search = document.getElementById("log-search");
+  const matches = document.getElementById("log-matches");
+  const jump = document.getElementById("log-jump");
+  let stick = true;
+  let needle = "";
+
+  log.addEventListener("scroll", function () {
+    stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+    jump.hidden = stick;
+  });
+  jump.addEventListener("click", function () {
+    stick = true;
+    jump.hidden = true;
+    log.scrollTop = log.scrollHeight;
+  });
+
+  function matchesNeedle(text) { return !needle || text.toLowerCase().indexOf(needle) !== -1; }
+
+  function countMatches() {
+    if (!needle) { matches.textContent = ""; return; }
+    const n = log.querySelectorAll(".line:not(.hidden)").length;
+    matches.textContent = FTP.interpolate(L.matches || "%(n)s", { n: n });
+  }
+
+  search.addEventListener("input", function () {
+    needle = search.value.trim().toLowerCase();
+    log.querySelectorAll(".line").forEach(function (line) {
+      line.classList.toggle("hidden", !matchesNeedle(line.textContent));
+    });
+    countMatches();
+    if (stick) log.scrollTop = log.scrollHeight;
+  });
+
+  function addLines(lines) {
+    const fresh = [];
+    for (const line of lines) {
+      if (line.seq <= lastSeq) continue; // already shown
+      if (line.seq !== lastSeq + 1) {
+        // A gap: ask the server for everything after the last line held; it resends in order.
+        if (!backfillAsked) {
+          backfillAsked = true;
+          socket.send({ type: "backfill", after: lastSeq });
+        }
+        break;
+      }
+      fresh.push(line);
+      lastSeq = line.seq;
+    }
+    if (!fresh.length) return;
+    backfillAsked = false;
+    const empty = log.querySelector("[data-log-empty]");
+    if (empty) empty.remove();
+    const fragment = document.createDocumentFragment();
+    for (const line of fresh) {
+      const div = document.createElement("div");
+      div.className = matchesNeedle(line.text) ? "line" : "line hidden";
+      div.dataset.seq = line.seq;
+      div.textContent = line.text;
+      fragment.appendChild(div);
+    }
+    log.appendChild(fragment);
+    let extra = log.childElementCount - MAX_DOM_LINES;
+    while (extra-- > 0) log.firstElementChild.remove();
+    root.dataset.lastSeq = String(lastSeq);
+    if (needle) countMatches();
+    if (stick) log.scrollTop = log.scrollHeight;
+  }
+
+  // --- events ----------------------------------------------------------------------------------------
+  const timeline = document.getElementById("events");
+  const seenEvents = new Set();
+  timeline.querySelectorAll("li[data-key]").forEach(function (li) { seenEvents.add(li.dataset.key); });
+
+  function addEvents(events) {
+    events.forEach(function (event) {
+      const key = event.kind + "|" + event.time + "|" + event.message;
+      if (seenEvents.has(key)) return;
+      seenEvents.add(key);
+      const placeholder = timeline.querySelector("[data-events-empty]");
+      if (placeholder) placeholder.remove();
+      const li = document.createElement("li");
+      li.className = "ev-" + event.kind;
+      li.dataset.key = key;
+      const time = document.createElement("time");
+      time.dateTime = event.time || "";
+      time.textContent = event.time ? event.time.replace("T", " ").slice(0, 19) : "";
+      const strong = document.createElement("strong");
+      strong.textContent = eventNames[event.kind] || event.kind;
+      const span = document.createElement("span");
+      span.textContent = event.message || "";
+      li.append(time, " ", strong, " ", span);
+      timeline.appendChild(li);
+    });
+  }
+
+  // --- the socket --------------------------------------------------------------------------------------
+  const socket = new FTP.LiveSocket(root.dataset.wsPath, {
+    params: function () { return "after=" + lastSeq; },
+    onStatus: FTP.setConnection,
+    onOpen: function () { backfillAsked = false; },
+    onMessage: function (message) {
+      if (message.type === "deleted") {
+        socket.stop();
+        FTP.setConnection("deleted");
+        root.querySelector("[data-deleted]").hidden = false;
+        return;
+      }
+      if (message.type !== "update") return;
+      if (message.lines) addLines(message.lines);
+      if (message.metrics) addMetrics(message.metrics);
+      if (message.events) addEvents(message.events);
+      if (message.state) applyState(message.state);
+    },
+  });
+  FTP.taskSocket = socket;
+  renderState();
+})();
