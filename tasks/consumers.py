@@ -151,6 +151,22 @@ def _parse_ids(raw: Any) -> set[int]:
 
 
 # --- the embedded default: follow the database ----------------------------------------------------
+
+async def recheck(consumer: Any, what: str) -> None:
+    """One periodic round of a consumer: re-join its group before channels-redis expires the
+    membership (24 h), then repair anything a dropped message missed from the database."""
+    try:
+        if time.monotonic() - consumer.joined_at >= GROUP_REFRESH_SECONDS:
+            await consumer.channel_layer.group_add(consumer.group, consumer.channel_name)
+            consumer.joined_at = time.monotonic()
+        async with consumer.lock:
+            await consumer._catch_up()
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - keep the socket alive; the next round retries
+        logger.warning("re-check of %s failed", what, exc_info=True)
+
+
 class TaskFollower:
     """Polls one task's row for the consumers of this process and group_sends what changed.
 
@@ -364,16 +380,7 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
                     await self._catch_up()
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
-            try:
-                if time.monotonic() - self.joined_at >= GROUP_REFRESH_SECONDS:
-                    await self.channel_layer.group_add(self.group, self.channel_name)
-                    self.joined_at = time.monotonic()
-                async with self.lock:
-                    await self._catch_up()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - keep the socket alive; the next check retries
-                logger.warning("re-check of task %s failed", self.task_id, exc_info=True)
+            await recheck(self, f"task {self.task_id}")
 
     async def _catch_up(self, task: FinetuningTask | None = None) -> None:
         """Send whatever the client lacks, read from the database. Call with ``self.lock`` held."""
@@ -517,16 +524,7 @@ class TaskListConsumer(AsyncJsonWebsocketConsumer):
         interval = RECHECK_SECONDS if cross_process_layer() else LIVE_POLL_SECONDS
         while True:
             await asyncio.sleep(interval)
-            try:
-                if time.monotonic() - self.joined_at >= GROUP_REFRESH_SECONDS:
-                    await self.channel_layer.group_add(self.group, self.channel_name)
-                    self.joined_at = time.monotonic()
-                async with self.lock:
-                    await self._catch_up()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - keep the socket alive; the next round retries
-                logger.warning("task list re-check failed", exc_info=True)
+            await recheck(self, "task list")
 
     def _read(self, ids: set[int]) -> tuple[list[dict[str, Any]], int]:
         rows = selectors.finetuning_task_rows(user=self.user, ids=sorted(ids))

@@ -265,37 +265,20 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 # --- pages that arrive with later issues -----------------------------------------------------------
+def _placeholder(request: HttpRequest, title: str, message: str) -> HttpResponse:
+    return render(request, "tasks/placeholder.html", {"title": title, "message": message})
+
+
 @login_required
 def gpu_list(request: HttpRequest) -> HttpResponse:
-    return render(
-        request,
-        "tasks/placeholder.html",
-        {
-            "title": _("GPUs"),
-            "message": _("The GPU overview is coming with the GPU scheduler."),
-        },
-    )
+    return _placeholder(request, _("GPUs"), _("The GPU overview is coming with the GPU scheduler."))
 
 
 @login_required
 def queue(request: HttpRequest) -> HttpResponse:
-    return render(
-        request,
-        "tasks/placeholder.html",
-        {
-            "title": _("Queue"),
-            "message": _("The queue view is coming with the GPU scheduler."),
-        },
-    )
+    return _placeholder(request, _("Queue"), _("The queue view is coming with the GPU scheduler."))
 
 
 @login_required
 def deployment_list(request: HttpRequest) -> HttpResponse:
-    return render(
-        request,
-        "tasks/placeholder.html",
-        {
-            "title": _("Deployments"),
-            "message": _("Model deployments are coming with deployments."),
-        },
-    )
+    return _placeholder(request, _("Deployments"), _("Model deployments are coming with deployments."))
