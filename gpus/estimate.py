@@ -15,7 +15,7 @@ from typing import Any
 
 # GiB per billion parameters, plus a fixed overhead (activations, CUDA context), in 16-bit dtypes.
 _PROFILE = {
-    "lora": (2.4, 3.0),   # 7B → ~20 GiB
+    "lora": (2.4, 3.0),  # 7B → ~20 GiB
     "qlora": (0.9, 3.5),  # 7B → ~10 GiB
     "full": (10.4, 3.0),  # 7B → ~76 GiB
 }
@@ -52,8 +52,9 @@ def parameters_for(model_source: str, model_path: str, base_model: str) -> float
     return float(sizes[-1]) * 1e9 if sizes else None
 
 
-def estimate_memory_gb(*, model_source: str, model_path: str, base_model: str, train_type: str,
-                       training_args: dict[str, Any]) -> float | None:
+def estimate_memory_gb(
+    *, model_source: str, model_path: str, base_model: str, train_type: str, training_args: dict[str, Any]
+) -> float | None:
     """GiB per GPU a task is expected to need, or None when the model size is unknown."""
     params = parameters_for(model_source, model_path, base_model)
     if params is None:

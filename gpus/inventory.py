@@ -71,11 +71,18 @@ def discover_nvml() -> Discovery:
                 ]
             except pynvml.NVMLError:
                 procs = []
-            gpus.append(GpuInfo(
-                index=index, uuid=_text(pynvml.nvmlDeviceGetUUID(handle)), name=_text(pynvml.nvmlDeviceGetName(handle)),
-                memory_total_mb=int(memory.total // (1024 * 1024)), memory_used_mb=int(memory.used // (1024 * 1024)),
-                utilization_pct=util, temperature_c=temp, processes=procs,
-            ))
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    memory_total_mb=int(memory.total // (1024 * 1024)),
+                    memory_used_mb=int(memory.used // (1024 * 1024)),
+                    utilization_pct=util,
+                    temperature_c=temp,
+                    processes=procs,
+                )
+            )
         return Discovery("nvml", gpus)
     except pynvml.NVMLError as exc:
         return Discovery("nvml", [], f"NVML query failed: {exc}")
@@ -105,8 +112,9 @@ def parse_fake_gpus(spec: str, host: str) -> list[GpuInfo]:
     for index, (name, memory_gb) in enumerate(cards):
         digest = hashlib.sha1(f"{host}/{index}".encode()).hexdigest()
         uuid = f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
-        gpus.append(GpuInfo(index=index, uuid=uuid, name=f"{name} {int(memory_gb)}GB",
-                            memory_total_mb=int(memory_gb * 1024)))
+        gpus.append(
+            GpuInfo(index=index, uuid=uuid, name=f"{name} {int(memory_gb)}GB", memory_total_mb=int(memory_gb * 1024))
+        )
     return gpus
 
 

@@ -62,7 +62,8 @@ class Gpu(models.Model):
     processes = models.JSONField(_("processes"), default=list, blank=True)
     present = models.BooleanField(_("present"), default=True, help_text=_("Seen in the last discovery."))
     enabled = models.BooleanField(
-        _("enabled"), default=True,
+        _("enabled"),
+        default=True,
         help_text=_("Disabled (draining): takes no new task; a running task finishes."),
     )
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
@@ -102,8 +103,10 @@ class Reservation(models.Model):
                 fields=["host", "cpu_slot"], condition=models.Q(cpu_slot__isnull=False), name="one_holder_per_cpu_slot"
             ),
             models.CheckConstraint(
-                condition=(models.Q(gpu__isnull=False, cpu_slot__isnull=True)
-                           | models.Q(gpu__isnull=True, cpu_slot__isnull=False)),
+                condition=(
+                    models.Q(gpu__isnull=False, cpu_slot__isnull=True)
+                    | models.Q(gpu__isnull=True, cpu_slot__isnull=False)
+                ),
                 name="reservation_gpu_xor_cpu",
             ),
         ]

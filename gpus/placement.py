@@ -86,11 +86,13 @@ def place(request: Request, hosts: list[HostState]) -> Placement | None:
         if request.wants_gpu_on(host):
             chosen = _matching(host, request, free_only=True)
             if chosen is not None:
-                candidates.append((len(host.free_gpu_ids), host.name,
-                                   Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen))))
+                candidates.append(
+                    (len(host.free_gpu_ids), host.name, Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen)))
+                )
         elif host.free_cpu_slots and request.kind in ("cpu", "auto"):
-            candidates.append((len(host.free_cpu_slots), host.name,
-                               Placement(host=host.name, cpu_slot=min(host.free_cpu_slots))))
+            candidates.append(
+                (len(host.free_cpu_slots), host.name, Placement(host=host.name, cpu_slot=min(host.free_cpu_slots)))
+            )
     if not candidates:
         return None
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
@@ -114,13 +116,13 @@ def impossible_reason(request: Request, hosts: list[HostState]) -> str | None:
         return None
     if request.kind == "cpu":
         if not any(h.cpu_slots for h in hosts):
-            return "no host offers CPU slots; ask for GPUs instead (e.g. {\"count\": 1})"
+            return 'no host offers CPU slots; ask for GPUs instead (e.g. {"count": 1})'
         return None
     gpu_hosts = [h for h in hosts if h.gpus]
     if request.kind == "auto" and not gpu_hosts:
         return None if any(h.cpu_slots for h in hosts) else "no host offers GPUs or CPU slots"
     if not gpu_hosts:
-        return "no host has GPUs; ask for a CPU slot with {\"cpu\": true}"
+        return 'no host has GPUs; ask for a CPU slot with {"cpu": true}'
     if any(_matching(h, request, free_only=False) is not None for h in gpu_hosts):
         return None
     most = max(len(h.gpus) for h in gpu_hosts)
@@ -128,12 +130,15 @@ def impossible_reason(request: Request, hosts: list[HostState]) -> str | None:
     if request.devices:
         known = sorted({str(g.index) for h in gpu_hosts for g in h.gpus}, key=lambda x: int(x))
         if request.min_memory_mb > biggest:
-            return (f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has "
-                    f"{biggest / 1024:.0f} GiB")
+            return (
+                f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has {biggest / 1024:.0f} GiB"
+            )
         return f"devices {','.join(request.devices)} do not exist on any single host (known devices: {','.join(known)})"
     if request.count > most:
         return f"asks for {request.count} GPUs but the largest host has {most}"
     if request.min_memory_mb > biggest:
-        return (f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has "
-                f"{biggest / 1024:.0f} GiB; use QLoRA, more GPUs with DeepSpeed, or set gpu_config.min_memory_gb")
+        return (
+            f"needs {request.min_memory_mb / 1024:.0f} GiB per GPU but the largest GPU has "
+            f"{biggest / 1024:.0f} GiB; use QLoRA, more GPUs with DeepSpeed, or set gpu_config.min_memory_gb"
+        )
     return f"no host has {request.count} GPUs with {request.min_memory_mb / 1024:.0f} GiB each"

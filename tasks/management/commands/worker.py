@@ -1,14 +1,19 @@
 """``manage.py worker``: this host's django-q2 cluster, with crash recovery before it starts.
 
-Run one per host (``make worker``). It reconciles tasks this host left running (a crash or a
-restart of the previous worker), makes sure the periodic sweep is scheduled, dispatches what
-fits, then runs ``qcluster``.
+Run one per host (``make worker``). It starts the GPU agent (inventory), reconciles tasks this
+host left running (a crash or a restart of the previous worker), makes sure the periodic sweep is
+scheduled, dispatches what fits, then runs ``qcluster``.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import subprocess
+import sys
 from typing import Any
 
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 from django_q.models import Schedule
@@ -21,6 +26,10 @@ class Command(BaseCommand):
     help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # The GPU agent runs as its own process (not a thread: django-q2 forks its workers).
+        agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid())],
+                                 cwd=settings.BASE_DIR)
+        atexit.register(agent.terminate)
         lost = reconcile_host()
         if lost:
             self.stdout.write(f"Marked {len(lost)} lost task(s) failed: {lost}")

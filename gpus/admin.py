@@ -1,0 +1,75 @@
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from gpus import services
+from gpus.models import Gpu, Host, Reservation
+
+
+class GpuInline(admin.TabularInline):
+    model = Gpu
+    extra = 0
+    can_delete = False
+    fields = ["index", "name", "uuid", "memory_total_mb", "memory_used_mb", "utilization_pct", "enabled", "present"]
+    readonly_fields = ["index", "name", "uuid", "memory_total_mb", "memory_used_mb", "utilization_pct", "present"]
+
+
+@admin.register(Host)
+class HostAdmin(admin.ModelAdmin):
+    list_display = ["name", "gpu_backend", "cpu_slots", "enabled", "last_seen_at", "gpu_error"]
+    list_filter = ["enabled", "gpu_backend"]
+    search_fields = ["name"]
+    readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "created_at"]
+    inlines = [GpuInline]
+
+
+@admin.register(Gpu)
+class GpuAdmin(admin.ModelAdmin):
+    list_display = [
+        "host",
+        "index",
+        "name",
+        "memory_used_mb",
+        "memory_total_mb",
+        "utilization_pct",
+        "enabled",
+        "present",
+    ]
+    list_filter = ["enabled", "present", "host"]
+    search_fields = ["uuid", "name", "host__name"]
+    readonly_fields = [
+        "host",
+        "index",
+        "uuid",
+        "name",
+        "memory_total_mb",
+        "memory_used_mb",
+        "utilization_pct",
+        "temperature_c",
+        "processes",
+        "present",
+        "updated_at",
+    ]
+    list_select_related = ["host"]
+    actions = ["enable", "drain"]
+
+    @admin.action(description="Enable selected GPUs")
+    def enable(self, request: HttpRequest, queryset: QuerySet[Gpu]) -> None:
+        for gpu in queryset:
+            services.gpu_set_enabled(gpu=gpu, enabled=True)
+        messages.success(request, f"Enabled {queryset.count()} GPU(s).")
+
+    @admin.action(description="Drain selected GPUs (no new tasks; running ones finish)")
+    def drain(self, request: HttpRequest, queryset: QuerySet[Gpu]) -> None:
+        for gpu in queryset:
+            services.gpu_set_enabled(gpu=gpu, enabled=False)
+        messages.success(request, f"Draining {queryset.count()} GPU(s).")
+
+
+@admin.register(Reservation)
+class ReservationAdmin(admin.ModelAdmin):
+    list_display = ["host", "gpu", "cpu_slot", "task", "created_at"]
+    list_filter = ["host"]
+    search_fields = ["task__name", "gpu__uuid"]
+    readonly_fields = ["host", "gpu", "cpu_slot", "task", "created_at"]
+    list_select_related = ["host", "gpu", "task"]

@@ -1,0 +1,97 @@
+"""Host announcement and /api/gpus/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from gpus.inventory import Discovery, GpuInfo, parse_fake_gpus
+from gpus.models import Gpu, Host, Reservation
+from gpus.services import host_announce
+from tasks.models import FinetuningTask
+
+
+def announce(name: str = "gpu-host-01", spec: str = "2x80", cpu: int = 0) -> Host:
+    host_announce(name=name, discovery=Discovery("fake", parse_fake_gpus(spec, name)), cpu_slots=cpu)
+    return Host.objects.get(name=name)
+
+
+def test_announcing_creates_the_host_and_its_gpus_and_reports_new_capacity(db: None) -> None:
+    assert host_announce(name="h", discovery=Discovery("fake", parse_fake_gpus("2x80", "h")), cpu_slots=0)
+    assert Gpu.objects.filter(host__name="h", present=True).count() == 2
+    # The same inventory again is no new capacity.
+    assert not host_announce(name="h", discovery=Discovery("fake", parse_fake_gpus("2x80", "h")), cpu_slots=0)
+
+
+def test_a_card_that_disappears_is_marked_absent(db: None) -> None:
+    announce(spec="2x80")
+    only_first = parse_fake_gpus("2x80", "gpu-host-01")[:1]
+    host_announce(name="gpu-host-01", discovery=Discovery("fake", only_first), cpu_slots=0)
+    assert list(Gpu.objects.order_by("index").values_list("present", flat=True)) == [True, False]
+
+
+def test_a_host_without_gpus_records_why(db: None) -> None:
+    host_announce(name="laptop", discovery=Discovery("nvml", [], "no NVIDIA driver or GPU found"), cpu_slots=1)
+    host = Host.objects.get(name="laptop")
+    assert host.cpu_slots == 1 and "no NVIDIA driver" in host.gpu_error and not host.gpus.exists()
+
+
+def test_every_user_sees_every_gpu_with_its_state(alice_api: APIClient) -> None:
+    announce()
+    gpus = alice_api.get("/api/gpus/").json()
+    assert [(g["host"], g["index"], g["state"]) for g in gpus] == [
+        ("gpu-host-01", 0, "free"),
+        ("gpu-host-01", 1, "free"),
+    ]
+    assert gpus[0]["memory_total_mb"] == 80 * 1024 and gpus[0]["holder"] is None
+    hosts = alice_api.get("/api/gpus/hosts/").json()
+    assert hosts[0]["name"] == "gpu-host-01" and hosts[0]["live"] is True
+
+
+def test_a_holder_task_is_named_only_to_its_owner_and_staff(
+    alice: Any, alice_api: APIClient, bob_api: APIClient, staff_api: APIClient
+) -> None:
+    host = announce()
+    gpu = host.gpus.get(index=0)
+    task = FinetuningTask.objects.create(
+        owner=alice, name="secret-project", base_model="x/y", model_path="x/y", status="running"
+    )
+    Reservation.objects.create(host=host, gpu=gpu, task=task)
+
+    def holder(client: APIClient) -> dict[str, Any]:
+        return next(g for g in client.get("/api/gpus/").json() if g["index"] == 0)
+
+    assert holder(alice_api)["state"] == "reserved" and holder(alice_api)["holder"]["name"] == "secret-project"
+    assert holder(staff_api)["holder"]["task"] == task.pk
+    assert holder(bob_api)["holder"] == {"task": None, "name": "another user's task", "status": "running"}
+
+
+def test_staff_drain_and_enable_a_gpu_and_others_cannot(alice_api: APIClient, staff_api: APIClient) -> None:
+    gpu = announce().gpus.get(index=1)
+    assert alice_api.post(f"/api/gpus/{gpu.pk}/disable/").status_code == 403
+    response = staff_api.post(f"/api/gpus/{gpu.pk}/disable/")
+    assert response.status_code == 200 and response.json()["state"] == "disabled"
+    assert staff_api.post(f"/api/gpus/{gpu.pk}/enable/").json()["state"] == "free"
+
+
+def test_the_gpu_agent_command_announces_this_host(db: None, settings: Any) -> None:
+    settings.FINETUNE_GPU_BACKEND = "fake"
+    settings.FINETUNE_FAKE_GPUS = "1x24"
+    settings.FINETUNE_HOST = "agent-host"
+    call_command("gpu_agent", "--once")
+    host = Host.objects.get(name="agent-host")
+    assert host.gpus.get().memory_total_mb == 24 * 1024 and host.cpu_slots == 0
+
+
+def test_a_host_without_gpus_gets_one_cpu_slot_by_default(db: None, settings: Any) -> None:
+    settings.FINETUNE_GPU_BACKEND = "none"
+    settings.FINETUNE_HOST = "cpu-box"
+    call_command("gpu_agent", "--once")
+    assert Host.objects.get(name="cpu-box").cpu_slots == 1
+
+
+def test_gpu_info_keeps_processes() -> None:
+    info = GpuInfo(index=0, uuid="GPU-1", name="x", memory_total_mb=1, processes=[{"pid": 1, "used_memory_mb": 2}])
+    assert info.processes[0]["pid"] == 1
