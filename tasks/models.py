@@ -96,6 +96,10 @@ class FinetuningTask(models.Model):
     datasets = models.JSONField(_("datasets"), default=list, help_text=_("Uploaded dataset ids and/or hub ids."))
     training_args = models.JSONField(_("training arguments"), default=dict, blank=True)
     gpu_config = models.JSONField(_("GPU configuration"), default=dict, blank=True)
+    memory_estimate_gb = models.FloatField(
+        _("estimated GPU memory (GiB)"), null=True, blank=True,
+        help_text=_("Per GPU, from the model size and train type; None when the size is unknown."),
+    )
 
     output_name = models.CharField(_("output name"), max_length=200, blank=True)
     output_path = models.CharField(_("output path"), max_length=1000, blank=True)

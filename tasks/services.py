@@ -16,6 +16,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from finetune_platform.errors import ServiceValidationError
+from gpus.estimate import estimate_memory_gb
+from gpus.placement import Request, impossible_reason
+from gpus.selectors import inventory_snapshot
 from tasks.command import normalize_gpu_config, validate_dataset_specs
 from tasks.dataset_formats import DatasetFormat, DatasetValidationError, validate_dataset_file
 from tasks.models import (
@@ -111,11 +114,17 @@ def finetuning_task_create(
         raise ServiceValidationError(errors)
     _check_datasets_fit(owner.pk, task_type, clean_datasets)
     assert model is not None
+    estimate = estimate_memory_gb(model_source=model.source, model_path=model.argument, base_model=base_model,
+                                  train_type=train_type, training_args=args)
+    reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot())
+    if reason:
+        raise ServiceValidationError({"gpu_config": f"this request can never run here: {reason}"})
     with transaction.atomic():
         task = FinetuningTask.objects.create(
             owner=owner, name=name, description=description or "", task_type=task_type, train_type=train_type,
             priority=priority, base_model=base_model.strip(), model_source=model.source,
             model_path=model.argument, datasets=clean_datasets, training_args=args, gpu_config=gpu,
+            memory_estimate_gb=estimate,
             output_name=output_name, preset=preset,
         )
         folder = task_dir(owner.pk, task.pk)

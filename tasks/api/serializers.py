@@ -43,6 +43,7 @@ class TaskSerializer(serializers.ModelSerializer):
     elapsed_seconds = serializers.FloatField(read_only=True)
     current_epoch = serializers.FloatField(source="epoch", read_only=True)
     stop_requested = serializers.SerializerMethodField()
+    gpu_memory_usage = serializers.SerializerMethodField()
 
     class Meta:
         model = FinetuningTask
@@ -50,6 +51,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "id", "name", "description", "owner", "task_type", "train_type", "preset", "priority", "status",
             "progress", "current_step", "max_steps", "current_epoch", "loss", "learning_rate", "eta_seconds",
             "elapsed_seconds", "base_model", "model_source", "datasets", "training_args", "gpu_config",
+            "memory_estimate_gb", "gpu_memory_usage",
             "output_name", "output_path", "last_checkpoint", "log_file_path", "command", "command_line", "host",
             "pid", "exit_code", "error_message", "metrics", "last_log_seq", "stop_requested",
             "created_at", "queued_at", "started_at", "finished_at",
@@ -58,6 +60,12 @@ class TaskSerializer(serializers.ModelSerializer):
 
     def get_stop_requested(self, obj: FinetuningTask) -> bool:
         return obj.stop_requested_at is not None
+
+    def get_gpu_memory_usage(self, obj: FinetuningTask) -> dict[str, dict[str, int]]:
+        """Per assigned GPU index: memory used and total (MiB) and utilization (%)."""
+        from gpus.selectors import task_gpu_memory_usage
+
+        return task_gpu_memory_usage(obj)
 
 
 class LogLineSerializer(serializers.ModelSerializer):

@@ -95,3 +95,52 @@ def test_a_host_without_gpus_gets_one_cpu_slot_by_default(db: None, settings: An
 def test_gpu_info_keeps_processes() -> None:
     info = GpuInfo(index=0, uuid="GPU-1", name="x", memory_total_mb=1, processes=[{"pid": 1, "used_memory_mb": 2}])
     assert info.processes[0]["pid"] == 1
+
+
+# --- what a task asks for, checked against the inventory ----------------------------------------
+HUB_TASK = {"name": "t", "base_model": "Qwen/Qwen2.5-7B-Instruct", "datasets": ["AI-ModelScope/alpaca-gpt4-data-en#50"]}
+
+
+def test_a_task_shows_its_memory_estimate(alice_api: APIClient) -> None:
+    response = alice_api.post("/api/finetuning/tasks/", {**HUB_TASK, "train_type": "qlora"}, format="json")
+    assert response.status_code == 201
+    assert 8 <= response.json()["memory_estimate_gb"] <= 12
+
+
+def test_impossible_requests_are_a_400_naming_gpu_config(alice_api: APIClient) -> None:
+    announce(spec="2x80", cpu=0)
+    cases = {
+        "asks for 3 GPUs but the largest host has 2": {"count": 3},
+        "largest GPU has 80 GiB": {"count": 1, "min_memory_gb": 141},
+        "devices 7 do not exist": {"devices": "7"},
+        "no host offers CPU slots": {"cpu": True},
+    }
+    for fragment, gpu_config in cases.items():
+        response = alice_api.post("/api/finetuning/tasks/", {**HUB_TASK, "gpu_config": gpu_config}, format="json")
+        assert response.status_code == 400, (gpu_config, response.content)
+        assert fragment in response.json()["gpu_config"][0]
+    # A full fine-tune of 14B needs ~148 GiB per GPU (7B, ~76 GiB, would fit an 80 GB card).
+    big = {**HUB_TASK, "base_model": "Qwen/Qwen2.5-14B-Instruct", "train_type": "full", "gpu_config": {"count": 1}}
+    full = alice_api.post("/api/finetuning/tasks/", big, format="json")
+    assert full.status_code == 400 and "use QLoRA" in full.json()["gpu_config"][0]
+    assert FinetuningTask.objects.count() == 0
+    ok = alice_api.post("/api/finetuning/tasks/", {**HUB_TASK, "gpu_config": {"devices": "0,1"}}, format="json")
+    assert ok.status_code == 201
+
+
+def test_the_detail_reports_gpu_memory_usage_per_assigned_gpu(alice: Any, alice_api: APIClient) -> None:
+    host = announce(spec="2x80")
+    Gpu.objects.filter(host=host, index=1).update(memory_used_mb=15000, utilization_pct=85)
+    task = FinetuningTask.objects.create(
+        owner=alice,
+        name="t",
+        base_model="x/y",
+        model_path="x/y",
+        status="running",
+        host=host.name,
+        gpu_config={"devices": "1"},
+    )
+    usage = alice_api.get(f"/api/finetuning/tasks/{task.pk}/").json()["gpu_memory_usage"]
+    assert usage == {"1": {"memory_used": 15000, "memory_total": 80 * 1024, "utilization": 85}}
+    seed = alice_api.get(f"/finetuning/getTask?id={task.pk}").json()["data"]["gpuMemoryUsage"]
+    assert seed == usage
