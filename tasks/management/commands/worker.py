@@ -22,6 +22,16 @@ from tasks.runner import reconcile_host
 from tasks.scheduler import dispatch_pending
 
 
+def _stop(agent: subprocess.Popen[bytes]) -> None:
+    """Stop the GPU agent and wait for it, so it holds no database connection once we are gone."""
+    if agent.poll() is None:
+        agent.terminate()
+        try:
+            agent.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+
+
 class Command(BaseCommand):
     help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
 
@@ -29,7 +39,7 @@ class Command(BaseCommand):
         # The GPU agent runs as its own process (not a thread: django-q2 forks its workers).
         agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid())],
                                  cwd=settings.BASE_DIR)
-        atexit.register(agent.terminate)
+        atexit.register(_stop, agent)
         lost = reconcile_host()
         if lost:
             self.stdout.write(f"Marked {len(lost)} lost task(s) failed: {lost}")
@@ -39,4 +49,7 @@ class Command(BaseCommand):
                       "repeats": -1},
         )
         dispatch_pending()
-        call_command("qcluster")
+        try:
+            call_command("qcluster")
+        finally:
+            _stop(agent)
