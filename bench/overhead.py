@@ -61,7 +61,7 @@ def main() -> None:
     from tasks.models import FinetuningTask
 
     call_command("migrate", verbosity=0)
-    user = User.objects.create_user("bench")
+    user, _ = User.objects.get_or_create(username="bench")
     _, token = api_token_create(user=user, name="bench")
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
