@@ -138,6 +138,20 @@ def _database_url() -> str:
     return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
+def stop_server(proc: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Stop a server subprocess started with ``start_new_session``: SIGTERM to its main process
+    only (a django-q2 cluster stops its children in order; a SIGTERM to the whole group wedges its
+    shutdown), then SIGKILL to the whole group if it has not exited within ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 @pytest.fixture
 def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start ``manage.py worker`` (reconcile + django-q2 cluster) against the test database."""
@@ -157,15 +171,7 @@ def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., sub
     from tasks.process import process_matches, stop_group
 
     for proc in procs:
-        if proc.poll() is None:
-            # SIGTERM to the cluster's main process only: it stops its children in order (a SIGTERM
-            # to the whole group wedges django-q2's shutdown).
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_server(proc, timeout=15)
     # Never leave a swift process behind, whatever the test did.
     for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
         if process_matches(task.pid, task.process_started):

@@ -10,7 +10,6 @@ check must be relaxed, and it must not meet pytest-asyncio's loop)::
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, _database_url
+from tests.conftest import REPO, _database_url, stop_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -120,10 +119,4 @@ def web_server(transactional_db: None, tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_server(proc, timeout=10)
