@@ -64,7 +64,8 @@ def inventory_snapshot() -> list[Any]:
 def task_gpu_memory_usage(task: Any) -> dict[str, dict[str, int]]:
     """``{index: {memory_used, memory_total, utilization}}`` (MiB, %) of the GPUs a task holds —
     the seed's ``gpu_memory_usage`` — from its reservations, or from the devices it named on its host."""
-    gpus = [r.gpu for r in Reservation.objects.filter(task=task, gpu__isnull=False).select_related("gpu")]
+    # Through the relation, so a list prefetched by tasks.selectors.finetuning_task_list costs no query.
+    gpus = [r.gpu for r in task.reservations.all() if r.gpu_id is not None]
     if not gpus and task.host and (task.gpu_config or {}).get("devices"):
         wanted = str(task.gpu_config["devices"]).split(",")
         gpus = [g for g in Gpu.objects.filter(host__name=task.host) if str(g.index) in wanted or g.uuid in wanted]

@@ -11,7 +11,9 @@ from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMe
 
 
 def finetuning_task_list(*, user: Any) -> QuerySet[FinetuningTask]:
-    return FinetuningTask.objects.for_user(user).visible().select_related("owner")
+    return FinetuningTask.objects.for_user(user).visible().select_related("owner").prefetch_related(
+        "reservations__gpu"
+    )
 
 
 def finetuning_task_get(*, user: Any, pk: Any) -> FinetuningTask:

@@ -144,3 +144,29 @@ def test_the_detail_reports_gpu_memory_usage_per_assigned_gpu(alice: Any, alice_
     assert usage == {"1": {"memory_used": 15000, "memory_total": 80 * 1024, "utilization": 85}}
     seed = alice_api.get(f"/finetuning/getTask?id={task.pk}").json()["data"]["gpuMemoryUsage"]
     assert seed == usage
+
+
+def test_listing_tasks_costs_the_same_queries_for_5_or_15_tasks(alice: Any, alice_api: APIClient) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    host = announce(spec="2x80")
+    gpus = iter(host.gpus.all())
+
+    def make(n: int) -> None:
+        for i in range(n):
+            task = FinetuningTask.objects.create(
+                owner=alice, name=f"t{i}", base_model="x/y", model_path="x/y", status="running"
+            )
+            gpu = next(gpus, None)
+            if gpu is not None:  # some tasks hold a GPU, so the reservations path is exercised
+                Reservation.objects.create(host=host, gpu=gpu, task=task)
+
+    make(5)
+    alice_api.get("/api/finetuning/tasks/")  # the token's last_used_at is written at most once a minute
+    with CaptureQueriesContext(connection) as five:
+        assert alice_api.get("/api/finetuning/tasks/").status_code == 200
+    make(10)
+    with CaptureQueriesContext(connection) as fifteen:
+        assert alice_api.get("/api/finetuning/tasks/").json()["count"] == 15
+    assert len(fifteen.captured_queries) == len(five.captured_queries)
