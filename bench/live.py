@@ -345,7 +345,6 @@ def main() -> None:
         "FINETUNE_OFFLINE": "1",
         "FINETUNE_POLL_SECONDS": args.runner_poll,
         "FINETUNE_QUEUE_POLL_SECONDS": "0.05",
-        "FINETUNE_SLOTS": "4",
         "FINETUNE_CPU_SLOTS": "4",
         "FINETUNE_GPU_BACKEND": "none",
         "FINETUNE_HEARTBEAT_SECONDS": "1",

@@ -36,7 +36,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ftp-bench-"))
     os.environ.update({
         "FINETUNE_DATA_DIR": str(work / "data"), "FINETUNE_MODEL_ROOTS": str(work / "models"),
-        "FINETUNE_OFFLINE": "1", "FINETUNE_SLOTS": "1", "FINETUNE_QUEUE_POLL_SECONDS": "0.2",
+        "FINETUNE_OFFLINE": "1", "FINETUNE_CPU_SLOTS": "1", "FINETUNE_QUEUE_POLL_SECONDS": "0.2",
         "DJANGO_SETTINGS_MODULE": "finetune_platform.settings", "ALLOWED_HOSTS": "testserver,127.0.0.1",
     })
     (work / "models").mkdir(parents=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import dj_database_url
 
 from finetune_platform.env import env_bool, env_float, env_int, env_list, env_paths, env_str
+from finetune_platform.queues import host_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -219,9 +220,7 @@ FINETUNE_SWIFT_BIN = env_str("FINETUNE_SWIFT_BIN") or _default_swift()
 FINETUNE_MODEL_ROOTS = env_paths("FINETUNE_MODEL_ROOTS")
 FINETUNE_OFFLINE = env_bool("FINETUNE_OFFLINE", False)
 FINETUNE_HOST = env_str("FINETUNE_HOST") or socket.gethostname()
-# Concurrent training tasks on the platform until the GPU scheduler (gpus app) assigns devices.
-FINETUNE_SLOTS = env_int("FINETUNE_SLOTS", 1, minimum=1, maximum=64)
-# --- Compute inventory and scheduling (gpus app; the scheduler itself is in progress) ---
+# --- Compute inventory and scheduling (gpus app, tasks.scheduler) ---
 FINETUNE_GPU_BACKEND = env_str("FINETUNE_GPU_BACKEND", "nvml")
 if FINETUNE_GPU_BACKEND not in ("nvml", "fake", "none"):
     from django.core.exceptions import ImproperlyConfigured
@@ -236,7 +235,8 @@ FINETUNE_CPU_SLOTS: int | None = (
 FINETUNE_GPU_REFRESH_SECONDS = env_float("FINETUNE_GPU_REFRESH_SECONDS", 3.0, minimum=0.2)
 # A host whose agent has not reported for this long takes no new work.
 FINETUNE_HOST_STALE_SECONDS = env_float("FINETUNE_HOST_STALE_SECONDS", 30.0, minimum=1.0)
-# Backfill: a later task may pass a blocked queue head only until the head has waited this long.
+# Backfill: a later task may pass a blocked task only until the blocked one has waited this long;
+# from then on the GPUs it will need are kept for it (see tasks/scheduler.py).
 FINETUNE_BACKFILL_MAX_WAIT_SECONDS = env_float("FINETUNE_BACKFILL_MAX_WAIT_SECONDS", 600.0, minimum=0.0)
 FINETUNE_STOP_GRACE_SECONDS = env_float("FINETUNE_STOP_GRACE_SECONDS", 30.0, minimum=0.0)
 # How long a stop request waits for the process to end before answering (it keeps going after).
@@ -253,17 +253,50 @@ FINETUNE_SMOKE_MODEL = env_str("FINETUNE_SMOKE_MODEL")
 FINETUNE_SMOKE_MODEL_TYPE = env_str("FINETUNE_SMOKE_MODEL_TYPE", "qwen2")
 FINETUNE_SMOKE_TEMPLATE = env_str("FINETUNE_SMOKE_TEMPLATE", "qwen2_5")
 
+# --- Deployments (swift deploy behind the gateway; see docs/deployments.md) ---
+def _port_range(name: str, default: str) -> tuple[int, int]:
+    raw = env_str(name, default)
+    low, sep, high = raw.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"{name}={raw!r}: use a range such as 8100-8299") from None
+    if not 1024 <= first <= last <= 65535:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"{name}={raw!r}: ports must be 1024-65535, low-high")
+    return first, last
+
+
+# Ports swift deploy may bind on 127.0.0.1 (one per active deployment and host).
+FINETUNE_DEPLOY_PORTS = _port_range("FINETUNE_DEPLOY_PORTS", "8100-8299")
+# Stop a deployment nobody has called for this many minutes (0 = never).
+FINETUNE_DEPLOY_IDLE_MINUTES = env_float("FINETUNE_DEPLOY_IDLE_MINUTES", 0.0, minimum=0.0)
+# A deployment that is not answering /v1/models this long after its start has failed.
+FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS = env_float("FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS", 900.0, minimum=5.0)
+# How long the gateway waits for the model server to answer (long generations stream).
+FINETUNE_DEPLOY_GATEWAY_TIMEOUT_SECONDS = env_float("FINETUNE_DEPLOY_GATEWAY_TIMEOUT_SECONDS", 600.0, minimum=1.0)
+# Inference backends offered besides transformers; empty = those installed next to swift.
+FINETUNE_DEPLOY_BACKENDS = env_list("FINETUNE_DEPLOY_BACKENDS", [])
+
 # --- django-q2 ---------------------------------------------------------------------------------
 # Training jobs run for hours or days. The broker re-presents a job whose receipt is older than
 # ``retry``; that must never happen to a running job, so retry is far longer than any job may
 # run, failures are acknowledged (never silently re-run) and each job starts with an idempotent
 # claim on the task row (see tasks.runner.claim).
 _max_runtime = FINETUNE_MAX_RUNTIME_HOURS * 3600
+_q_name = env_str("Q_CLUSTER_NAME_BASE", "finetune")
 Q_CLUSTER = {
-    "name": env_str("Q_CLUSTER_NAME_BASE", "finetune"),
+    "name": _q_name,
+    # Each host's worker listens on its own queue: the dispatcher enqueues a task on the queue of
+    # the host that holds its GPUs (tasks.scheduler), so a task runs only where its GPUs are.
+    "cluster_name": host_queue(_q_name, FINETUNE_HOST),
     "orm": "default",
-    # `manage.py worker` raises this to (GPUs + CPU slots + 2) once it has discovered the host.
-    "workers": env_int("FINETUNE_WORKERS", FINETUNE_SLOTS + 2, minimum=2),
+    # Each running task occupies a worker process for its whole run: `manage.py worker` raises this
+    # to (GPUs + CPU slots + 2) once it has discovered the host, unless FINETUNE_WORKERS is set.
+    "workers": env_int("FINETUNE_WORKERS", 4, minimum=2),
     "timeout": _max_runtime + 3600,
     "retry": _max_runtime + 86400,
     "max_attempts": 1,

@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -21,6 +23,13 @@ class HostAdmin(admin.ModelAdmin):
     search_fields = ["name"]
     readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "created_at"]
     inlines = [GpuInline]
+
+    def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if obj.enabled and "enabled" in form.changed_data:
+            from tasks.scheduler import dispatch_on_commit
+
+            dispatch_on_commit()  # the host's capacity is back
 
 
 @admin.register(Gpu)
@@ -68,8 +77,8 @@ class GpuAdmin(admin.ModelAdmin):
 
 @admin.register(Reservation)
 class ReservationAdmin(admin.ModelAdmin):
-    list_display = ["host", "gpu", "cpu_slot", "task", "created_at"]
+    list_display = ["host", "gpu", "cpu_slot", "task", "deployment", "created_at"]
     list_filter = ["host"]
-    search_fields = ["task__name", "gpu__uuid"]
-    readonly_fields = ["host", "gpu", "cpu_slot", "task", "created_at"]
-    list_select_related = ["host", "gpu", "task"]
+    search_fields = ["task__name", "deployment__name", "gpu__uuid"]
+    readonly_fields = ["host", "gpu", "cpu_slot", "task", "deployment", "created_at"]
+    list_select_related = ["host", "gpu", "task", "deployment"]

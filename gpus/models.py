@@ -81,10 +81,11 @@ class Gpu(models.Model):
 
 
 class Reservation(models.Model):
-    """A GPU or a CPU slot booked by a task (deployments join in their issue).
+    """A GPU or a CPU slot booked by a task or a deployment (the holder).
 
-    Exactly one of ``gpu`` / ``cpu_slot`` is set. Deleting the row releases the resource; the
-    reservation is deleted with its holder (CASCADE), so a deleted task can never leak one.
+    Exactly one of ``gpu`` / ``cpu_slot`` and exactly one of ``task`` / ``deployment`` is set.
+    Deleting the row releases the resource; the holder's ending deletes it (``gpus.services
+    .reservations_release``) and a deleted holder takes it along (CASCADE), so none can leak.
     """
 
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="reservations")
@@ -92,6 +93,9 @@ class Reservation(models.Model):
     cpu_slot = models.PositiveSmallIntegerField(null=True, blank=True)
     task = models.ForeignKey(
         "tasks.FinetuningTask", on_delete=models.CASCADE, null=True, blank=True, related_name="reservations"
+    )
+    deployment = models.ForeignKey(
+        "deployments.Deployment", on_delete=models.CASCADE, null=True, blank=True, related_name="reservations"
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -109,8 +113,16 @@ class Reservation(models.Model):
                 ),
                 name="reservation_gpu_xor_cpu",
             ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(task__isnull=False, deployment__isnull=True)
+                    | models.Q(task__isnull=True, deployment__isnull=False)
+                ),
+                name="reservation_one_holder",
+            ),
         ]
 
     def __str__(self) -> str:
         what = f"GPU {self.gpu.index}" if self.gpu_id else f"CPU slot {self.cpu_slot}"
-        return f"{self.host.name} {what} → task {self.task_id}"
+        holder = f"task {self.task_id}" if self.task_id else f"deployment {self.deployment_id}"
+        return f"{self.host.name} {what} → {holder}"

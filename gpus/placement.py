@@ -8,7 +8,7 @@ the one with the fewest free GPUs wins (best fit: keeps large blocks of GPUs fre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ class Request:
     def wants_gpu_on(self, host: HostState) -> bool:
         return self.kind == "gpu" or (self.kind == "auto" and bool(host.gpus))
 
+    def resolved(self, hosts: list[HostState] | list[TimedHost]) -> Request:
+        """``auto`` made concrete: one GPU when any host has GPUs, else a CPU slot."""
+        if self.kind != "auto":
+            return self
+        if any(h.gpus for h in hosts):
+            return replace(self, kind="gpu", count=1)
+        return replace(self, kind="cpu")
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -81,6 +89,7 @@ def _matching(host: HostState, request: Request, *, free_only: bool) -> list[Gpu
 
 def place(request: Request, hosts: list[HostState]) -> Placement | None:
     """A placement on free resources now, or None."""
+    request = request.resolved(hosts)
     candidates: list[tuple[int, str, Placement]] = []
     for host in hosts:
         if request.wants_gpu_on(host):
@@ -142,3 +151,63 @@ def impossible_reason(request: Request, hosts: list[HostState]) -> str | None:
             f"{biggest / 1024:.0f} GiB; use QLoRA, more GPUs with DeepSpeed, or set gpu_config.min_memory_gb"
         )
     return f"no host has {request.count} GPUs with {request.min_memory_mb / 1024:.0f} GiB each"
+
+
+# --- estimated start times (the queue page) --------------------------------------------------
+UNKNOWN = float("inf")
+
+
+@dataclass
+class TimedHost:
+    """A host whose every GPU and CPU slot carries the number of seconds until it is free
+    (0 = free now, ``UNKNOWN`` = held by work without an ETA)."""
+
+    name: str
+    gpus: list[GpuSlot] = field(default_factory=list)
+    gpu_free_in: dict[int, float] = field(default_factory=dict)
+    slot_free_in: dict[int, float] = field(default_factory=dict)
+
+
+def earliest_start(request: Request, hosts: list[TimedHost]) -> tuple[float, Placement] | None:
+    """The soonest this request could start (seconds from now) and where; None if it never fits.
+
+    The caller marks the returned resources ``UNKNOWN`` afterwards: a waiting task's own run time
+    is unknown, so what it takes stays taken for the tasks behind it.
+    """
+    request = request.resolved(hosts)
+    best: tuple[float, str, Placement] | None = None
+    for host in hosts:
+        candidate: tuple[float, Placement] | None = None
+        if request.kind == "gpu" or (request.kind == "auto" and host.gpus):
+            pool = [g for g in host.gpus if g.memory_total_mb >= request.min_memory_mb]
+            chosen: list[GpuSlot] = []
+            if request.devices:
+                for device in request.devices:
+                    found = [g for g in pool if str(g.index) == device or g.uuid == device]
+                    if not found:
+                        break
+                    chosen.append(found[0])
+                if len(chosen) != len(request.devices):
+                    continue
+            else:
+                count = request.count if request.kind == "gpu" else 1
+                if len(pool) < count:
+                    continue
+                chosen = sorted(pool, key=lambda g: (host.gpu_free_in[g.id], g.memory_total_mb, g.index))[:count]
+            start = max(host.gpu_free_in[g.id] for g in chosen)
+            candidate = (start, Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen)))
+        elif request.kind in ("cpu", "auto") and host.slot_free_in:
+            slot = min(host.slot_free_in, key=lambda s: (host.slot_free_in[s], s))
+            candidate = (host.slot_free_in[slot], Placement(host=host.name, cpu_slot=slot))
+        if candidate is not None and (best is None or (candidate[0], host.name) < (best[0], best[1])):
+            best = (candidate[0], host.name, candidate[1])
+    return None if best is None else (best[0], best[2])
+
+
+def occupy(placement: Placement, hosts: list[TimedHost], until: float = UNKNOWN) -> None:
+    for host in hosts:
+        if host.name == placement.host:
+            for gpu_id in placement.gpu_ids:
+                host.gpu_free_in[gpu_id] = until
+            if placement.cpu_slot is not None:
+                host.slot_free_in[placement.cpu_slot] = until

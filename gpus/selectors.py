@@ -13,7 +13,9 @@ from gpus.models import Gpu, Host, Reservation
 def gpu_list() -> QuerySet[Gpu]:
     return (
         Gpu.objects.select_related("host")
-        .prefetch_related(Prefetch("reservations", queryset=Reservation.objects.select_related("task")))
+        .prefetch_related(
+            Prefetch("reservations", queryset=Reservation.objects.select_related("task", "deployment"))
+        )
         .order_by("host__name", "index")
     )
 
@@ -34,24 +36,31 @@ def gpu_state(gpu: Gpu) -> str:
 
 
 def gpu_holder(gpu: Gpu, user: Any) -> dict[str, Any] | None:
+    """The task or deployment holding a GPU: named to its owner and staff, anonymous to others."""
     for reservation in gpu.reservations.all():
-        task = reservation.task
-        if task is None:
+        holder = reservation.task or reservation.deployment
+        if holder is None:
             continue
-        if user.is_staff or task.owner_id == user.pk:
-            return {"task": task.pk, "name": task.name, "status": task.status}
-        return {"task": None, "name": "another user's task", "status": task.status}
+        kind = "task" if reservation.task_id else "deployment"
+        if user.is_staff or holder.owner_id == user.pk:
+            return {"kind": kind, kind: holder.pk, "name": holder.name, "status": holder.status}
+        return {"kind": kind, kind: None, "name": f"another user's {kind}", "status": holder.status}
     return None
 
 
-def inventory_snapshot() -> list[Any]:
-    """Live, enabled hosts with their enabled GPUs and what is free now (for placement)."""
+def inventory_snapshot(*, everything: bool = False) -> list[Any]:
+    """Live, enabled hosts with their enabled GPUs and what is free now (for placement).
+
+    ``everything``: every known host and present GPU, live or not, enabled or draining — what the
+    platform *has*, to decide whether a request could ever run (a drained GPU or a restarting
+    worker must not turn a request into "impossible")."""
     from gpus.placement import GpuSlot, HostState
 
     states = []
-    for host in Host.objects.live().filter(enabled=True).prefetch_related("gpus", "reservations"):
+    hosts = Host.objects.all() if everything else Host.objects.live().filter(enabled=True)
+    for host in hosts.prefetch_related("gpus", "reservations"):
         gpus = [GpuSlot(id=g.pk, host=host.name, index=g.index, uuid=g.uuid, memory_total_mb=g.memory_total_mb)
-                for g in host.gpus.all() if g.enabled and g.present]
+                for g in host.gpus.all() if g.present and (g.enabled or everything)]
         held_gpus = {r.gpu_id for r in host.reservations.all() if r.gpu_id}
         held_slots = {r.cpu_slot for r in host.reservations.all() if r.cpu_slot is not None}
         states.append(HostState(

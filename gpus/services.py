@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from gpus.inventory import Discovery
-from gpus.models import Gpu, Host
+from gpus.models import Gpu, Host, Reservation
+
+logger = logging.getLogger(__name__)
 
 
 def default_cpu_slots(discovery: Discovery) -> int:
@@ -64,3 +68,29 @@ def gpu_set_enabled(*, gpu: Gpu, enabled: bool) -> Gpu:
 
         dispatch_on_commit()
     return gpu
+
+
+def reservations_release(*, task_id: int | None = None, deployment_id: int | None = None) -> int:
+    """Free everything a task or a deployment holds. Returns how many reservations went; the
+    caller dispatches (after commit) so the freed resources go to the queue."""
+    if (task_id is None) == (deployment_id is None):
+        raise ValueError("name exactly one holder")
+    holder = {"task_id": task_id} if task_id is not None else {"deployment_id": deployment_id}
+    deleted, _ = Reservation.objects.filter(**holder).delete()
+    return deleted
+
+
+def reservations_release_orphans() -> int:
+    """Safety net for the sweep: delete reservations whose holder has ended (a code path that
+    forgot to release would otherwise block a GPU forever). Returns how many went."""
+    from deployments.models import DEPLOYMENT_ACTIVE_STATUSES
+    from tasks.models import TaskStatus
+
+    orphans = Reservation.objects.filter(
+        models.Q(task__isnull=False) & ~models.Q(task__status__in=[TaskStatus.QUEUED, TaskStatus.RUNNING])
+        | models.Q(deployment__isnull=False) & ~models.Q(deployment__status__in=DEPLOYMENT_ACTIVE_STATUSES)
+    )
+    deleted, _ = orphans.delete()
+    if deleted:
+        logger.warning("released %d reservation(s) whose holder had ended", deleted)
+    return deleted

@@ -3,14 +3,17 @@ Actions call the same services as the API."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from finetune_platform.errors import ServiceValidationError
 from tasks import services
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
+from tasks.scheduler import dispatch_on_commit
 
 
 class OwnedAdminMixin:
@@ -52,14 +55,15 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     # description and priority stay editable.
     readonly_fields = [
         "owner", "task_type", "train_type", "preset", "base_model", "datasets", "training_args", "gpu_config",
-        "output_name", *RUNTIME_FIELDS,
+        "output_name", "held", "master_port", "memory_estimate_gb", *RUNTIME_FIELDS,
     ]
     list_select_related = ["owner"]
     inlines = [TaskEventInline]
-    actions = ["stop_tasks", "delete_tasks"]
+    actions = ["stop_tasks", "delete_tasks", "hold_tasks", "release_tasks", "raise_priority", "lower_priority"]
     fieldsets = [
         (None, {"fields": ["name", "description", "owner", "task_type", "train_type", "preset", "priority"]}),
         ("What it trains", {"fields": ["base_model", "datasets", "training_args", "gpu_config", "output_name"]}),
+        ("Scheduling", {"fields": ["held", "memory_estimate_gb", "master_port"]}),
         ("Runtime", {"fields": RUNTIME_FIELDS}),
     ]
 
@@ -74,6 +78,42 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: FinetuningTask) -> None:
         services.finetuning_task_delete(task=obj)
+
+    def save_model(self, request: HttpRequest, obj: FinetuningTask, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and "priority" in form.changed_data:
+            dispatch_on_commit()  # a waiting task may now come first
+
+    @admin.action(description="Hold selected waiting tasks (keep their place, do not start)")
+    def hold_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, services.finetuning_task_hold, "Held {n} task(s).")
+
+    @admin.action(description="Release selected held tasks")
+    def release_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, services.finetuning_task_release, "Released {n} task(s).")
+
+    @admin.action(description="Raise priority of selected waiting tasks by 1")
+    def raise_priority(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, lambda *, task: services.finetuning_task_set_priority(
+            task=task, priority=min(10, task.priority + 1)), "Raised the priority of {n} task(s).")
+
+    @admin.action(description="Lower priority of selected waiting tasks by 1")
+    def lower_priority(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, lambda *, task: services.finetuning_task_set_priority(
+            task=task, priority=max(0, task.priority - 1)), "Lowered the priority of {n} task(s).")
+
+    def _each(
+        self, request: HttpRequest, queryset: QuerySet[FinetuningTask], act: Callable[..., Any], done: str
+    ) -> None:
+        """Apply a service to each selected task; a task it refuses is reported, not fatal."""
+        count = 0
+        for task in list(queryset):
+            try:
+                act(task=task)
+                count += 1
+            except ServiceValidationError as exc:
+                messages.warning(request, f"#{task.pk} {task.name}: {exc}")
+        messages.success(request, done.format(n=count))
 
     @admin.action(description="Stop selected tasks")
     def stop_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:

@@ -181,17 +181,17 @@ def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
     )
     if settings.FINETUNE_OFFLINE:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HF": "1"})
-    gpu = task.gpu_config or {}
-    devices: list[str] = []
-    if gpu.get("cpu"):
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    elif gpu.get("devices"):
-        devices = str(gpu["devices"]).split(",")
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    # The devices are the GPUs the scheduler reserved, by UUID (NVML indices can differ from the
+    # CUDA order and across reboots); a CPU slot hides every GPU.
+    reserved = sorted((r for r in task.reservations.select_related("gpu") if r.gpu_id), key=lambda r: r.gpu.index)
+    devices = [r.gpu.uuid for r in reserved]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if devices:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if len(devices) > 1:
         env["NPROC_PER_NODE"] = str(len(devices))
-        env["MASTER_PORT"] = str(settings.FINETUNE_MASTER_PORT_BASE + (task.pk % 1000))
+    if task.master_port:
+        env["MASTER_PORT"] = str(task.master_port)
     return LaunchEnv(env=env, devices=devices)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gpus.services import reservations_release_orphans
 from tasks import runner, scheduler
 
 
@@ -11,7 +12,10 @@ def run_task(task_id: int) -> str:
 
 
 def sweep() -> str:
-    """Periodic safety net: fail lost tasks, then start whatever fits."""
+    """Periodic safety net (every host's worker runs it): fail lost tasks, put tasks stranded on a
+    silent host back in the queue, free reservations whose holder ended, then start what fits."""
     failed = runner.reconcile_host()
-    queued = scheduler.dispatch_pending()
-    return f"lost={failed} queued={queued}"
+    requeued = scheduler.requeue_stranded()
+    orphans = reservations_release_orphans()
+    result = scheduler.dispatch()
+    return f"lost={failed} requeued={requeued} orphans={orphans} queued={result.tasks} deployed={result.deployments}"

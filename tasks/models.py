@@ -64,9 +64,11 @@ class FinetuningTask(models.Model):
            │                    │                          ├──exit ≠ 0 / lost──▶ failed
            └──────stop──────────┴──────────stop────────────┴──stop (SIGTERM)──▶ stopped
 
-    * ``pending``: accepted and waiting in the platform's queue for a free slot.
-    * ``queued``: a slot is reserved and a worker job has been enqueued; the worker's first act is
-      an atomic claim ``queued → running``, so a re-delivered job is a no-op.
+    * ``pending``: accepted and waiting in the platform's queue for GPUs or a CPU slot (``held``
+      tasks keep their place but are skipped; see ``tasks.scheduler`` for the order and backfill).
+    * ``queued``: GPUs or a CPU slot are reserved (``gpus.Reservation`` rows) on ``host`` and a job
+      has been enqueued on that host's worker; the worker's first act is an atomic claim
+      ``queued → running``, so a re-delivered job is a no-op.
     * ``running``: the ``swift`` process group is alive on ``host``; ``heartbeat_at`` moves.
     * ``completed`` / ``failed`` / ``stopped``: terminal. ``error_message`` says why a task failed.
 
@@ -96,6 +98,9 @@ class FinetuningTask(models.Model):
     datasets = models.JSONField(_("datasets"), default=list, help_text=_("Uploaded dataset ids and/or hub ids."))
     training_args = models.JSONField(_("training arguments"), default=dict, blank=True)
     gpu_config = models.JSONField(_("GPU configuration"), default=dict, blank=True)
+    held = models.BooleanField(
+        _("on hold"), default=False, help_text=_("A held task keeps its place in the queue but does not start."),
+    )
     memory_estimate_gb = models.FloatField(
         _("estimated GPU memory (GiB)"), null=True, blank=True,
         help_text=_("Per GPU, from the model size and train type; None when the size is unknown."),
@@ -107,7 +112,10 @@ class FinetuningTask(models.Model):
     command = models.JSONField(_("command"), default=list, blank=True, help_text=_("The argv as run."))
 
     # Runtime, written by the runner.
-    host = models.CharField(_("host"), max_length=255, blank=True)
+    host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("Set when resources are reserved."))
+    master_port = models.PositiveIntegerField(
+        _("master port"), null=True, blank=True, help_text=_("torchrun rendezvous port, unique per host while active."),
+    )
     pid = models.IntegerField(_("process id"), null=True, blank=True)
     process_started = models.FloatField(null=True, blank=True, help_text="psutil create_time() of the process")
     runner_pid = models.IntegerField(null=True, blank=True, help_text="pid of the worker supervising the run")
@@ -218,6 +226,10 @@ class TaskMetric(models.Model):
 class EventKind(models.TextChoices):
     CREATED = "created", _("Created")
     QUEUED = "queued", _("Queued")
+    REQUEUED = "requeued", _("Back in the queue")
+    PRIORITY = "priority", _("Priority changed")
+    HELD = "held", _("Held")
+    RELEASED = "released", _("Released from hold")
     STARTED = "started", _("Started")
     CHECKPOINT = "checkpoint", _("Checkpoint saved")
     STOP_REQUESTED = "stop_requested", _("Stop requested")

@@ -35,15 +35,15 @@ _READ_CHUNK = 1 << 20
 
 
 def claim(task_id: int) -> bool:
-    """Atomically take a queued task for this worker. Exactly one caller ever gets True."""
+    """Atomically take a queued task for this worker. Exactly one caller ever gets True, and only
+    on the host that holds the task's reservations (a stale job on another host is a no-op)."""
     now = timezone.now()
     claimed = FinetuningTask.objects.filter(
-        pk=task_id, status=TaskStatus.QUEUED, stop_requested_at__isnull=True
+        pk=task_id, status=TaskStatus.QUEUED, stop_requested_at__isnull=True, host=settings.FINETUNE_HOST
     ).update(
         status=TaskStatus.RUNNING,
         started_at=now,
         heartbeat_at=now,
-        host=settings.FINETUNE_HOST,
         runner_pid=os.getpid(),
     )
     return claimed == 1

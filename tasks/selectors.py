@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from django.utils.translation import gettext as _
 
-from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
+from gpus.models import Host
+from gpus.placement import UNKNOWN, GpuSlot, Request, TimedHost, earliest_start, occupy
+from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskStatus
 
 
 def finetuning_task_list(*, user: Any) -> QuerySet[FinetuningTask]:
@@ -95,3 +101,79 @@ def task_checkpoints(*, task: FinetuningTask) -> list[str]:
     except OSError:
         return []
     return [str(p) for p in sorted(found, key=lambda p: int(p.name.split("-")[1]))]
+
+
+# --- the queue ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueueEntry:
+    """A waiting task as the queue shows it. Another user's task is shown without its name or id."""
+
+    position: int
+    task: FinetuningTask
+    visible: bool
+    request: Request
+    estimated_start: datetime | None
+    note: str
+
+
+def _timed_inventory() -> list[TimedHost]:
+    """Live, enabled hosts with, for each GPU and CPU slot, the seconds until it is free: 0 when
+    free, the holder's ETA when a running task with an ETA holds it, unknown otherwise."""
+    hosts: list[TimedHost] = []
+    for host in Host.objects.live().filter(enabled=True).prefetch_related("gpus", "reservations__task"):
+        timed = TimedHost(name=host.name)
+        for g in host.gpus.all():
+            if g.enabled and g.present:
+                timed.gpus.append(GpuSlot(id=g.pk, host=host.name, index=g.index, uuid=g.uuid,
+                                          memory_total_mb=g.memory_total_mb))
+                timed.gpu_free_in[g.pk] = 0.0
+        timed.slot_free_in = dict.fromkeys(range(host.cpu_slots), 0.0)
+        for r in host.reservations.all():
+            task = r.task
+            free_in = UNKNOWN
+            if task is not None and task.status == TaskStatus.RUNNING and task.eta_seconds is not None:
+                free_in = max(0.0, task.eta_seconds)
+            if r.gpu_id in timed.gpu_free_in:
+                timed.gpu_free_in[r.gpu_id] = free_in
+            elif r.cpu_slot is not None:
+                timed.slot_free_in[r.cpu_slot] = free_in
+        hosts.append(timed)
+    return hosts
+
+
+def queue_entries(*, user: Any) -> list[QueueEntry]:
+    """Every waiting (``pending``) task in the order the dispatcher considers them, with an
+    estimated start from the running tasks' ETAs (``None`` when it depends on work without one).
+
+    The estimate walks the queue in order: each task takes the resources that free up first
+    among those it can use, and keeps them (its own run time is unknown). Held tasks keep their
+    position but take nothing.
+    """
+    now = timezone.now()
+    hosts = _timed_inventory()
+    entries: list[QueueEntry] = []
+    waiting = FinetuningTask.objects.filter(
+        status=TaskStatus.PENDING, stop_requested_at__isnull=True, delete_requested_at__isnull=True
+    ).queue_order().select_related("owner")
+    for position, task in enumerate(waiting, start=1):
+        request = Request.from_task(task.gpu_config or {}, task.memory_estimate_gb)
+        visible = bool(getattr(user, "is_staff", False) or task.owner_id == getattr(user, "pk", None))
+        start: datetime | None = None
+        if task.held:
+            note = _("on hold")
+        elif not hosts:
+            note = _("no worker host is online")
+        else:
+            found = earliest_start(request, hosts)
+            if found is None:
+                note = _("does not fit on any online host")
+            elif found[0] == UNKNOWN:
+                note = _("waits for work without an estimated end")
+            else:
+                start = now + timedelta(seconds=found[0])
+                note = _("next") if found[0] == 0 else _("after running tasks end")
+            if found is not None:
+                occupy(found[1], hosts)
+        entries.append(QueueEntry(position=position, task=task, visible=visible, request=request,
+                                  estimated_start=start, note=note))
+    return entries

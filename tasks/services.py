@@ -19,6 +19,7 @@ from finetune_platform.errors import ServiceValidationError
 from gpus.estimate import estimate_memory_gb
 from gpus.placement import Request, impossible_reason
 from gpus.selectors import inventory_snapshot
+from gpus.services import reservations_release
 from tasks.command import normalize_gpu_config, validate_dataset_specs
 from tasks.dataset_formats import DatasetFormat, DatasetValidationError, validate_dataset_file
 from tasks.models import (
@@ -116,7 +117,7 @@ def finetuning_task_create(
     assert model is not None
     estimate = estimate_memory_gb(model_source=model.source, model_path=model.argument, base_model=base_model,
                                   train_type=train_type, training_args=args)
-    reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot())
+    reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot(everything=True))
     if reason:
         raise ServiceValidationError({"gpu_config": f"this request can never run here: {reason}"})
     with transaction.atomic():
@@ -164,9 +165,12 @@ def finetuning_task_stop(*, task: FinetuningTask) -> FinetuningTask:
     """Stop a task; idempotent. Pending and queued tasks stop at once; a running task's runner
     is asked to stop (SIGTERM to the process group, SIGKILL after the grace period)."""
     now = timezone.now()
-    stopped_now = FinetuningTask.objects.filter(
-        pk=task.pk, status__in=[TaskStatus.PENDING, TaskStatus.QUEUED]
-    ).update(status=TaskStatus.STOPPED, stop_requested_at=now, finished_at=now)
+    with transaction.atomic():
+        stopped_now = FinetuningTask.objects.filter(
+            pk=task.pk, status__in=[TaskStatus.PENDING, TaskStatus.QUEUED]
+        ).update(status=TaskStatus.STOPPED, stop_requested_at=now, finished_at=now)
+        if stopped_now:
+            reservations_release(task_id=task.pk)
     if stopped_now:
         task.refresh_from_db()
         publish_event(task, EventKind.STOPPED, "Stopped before it started")
@@ -183,14 +187,17 @@ def finetuning_task_stop(*, task: FinetuningTask) -> FinetuningTask:
 
 def finetuning_task_finish(*, task: FinetuningTask, status: str, exit_code: int | None, error: str = "") -> bool:
     """Move a running task to a terminal state (runner and reconciler use this). Returns False if
-    it was not running any more. Frees its slot, purges it if a delete is pending."""
+    it was not running any more. Releases its GPUs / CPU slot in the same transaction, purges it if
+    a delete is pending, and dispatches the queue."""
     now = timezone.now()
     fields: dict[str, Any] = {"status": status, "finished_at": now, "exit_code": exit_code, "heartbeat_at": now}
     if error:
         fields["error_message"] = error
     if status == TaskStatus.COMPLETED:
         fields.update(progress=100.0, eta_seconds=0.0)
-    changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.RUNNING).update(**fields)
+    with transaction.atomic():
+        changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.RUNNING).update(**fields)
+        reservations_release(task_id=task.pk)
     row = FinetuningTask.objects.filter(pk=task.pk).first()
     if row is None:
         return False
@@ -206,6 +213,55 @@ def finetuning_task_finish(*, task: FinetuningTask, status: str, exit_code: int 
         finetuning_task_purge(task=row)
     dispatch_on_commit()
     return bool(changed)
+
+
+def finetuning_task_set_priority(*, task: FinetuningTask, priority: Any) -> FinetuningTask:
+    """Change a task's priority (0-10, larger first). Only a task that has not started yet moves in
+    the queue; the queue is dispatched at once."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
+        raise ServiceValidationError({"priority": "must be a whole number from 0 to 10 (larger runs first)"})
+    changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING).update(priority=priority)
+    task.refresh_from_db()
+    if not changed:
+        raise ServiceValidationError({"priority": f"the task is {task.status}; only a waiting task's priority "
+                                      "can change"})
+    publish_event(task, EventKind.PRIORITY, f"Priority set to {priority}", priority=priority)
+    dispatch_on_commit()
+    return task
+
+
+def finetuning_task_hold(*, task: FinetuningTask) -> FinetuningTask:
+    """Keep a waiting task in the queue without starting it. A task already handed to a worker
+    (``queued``) goes back to waiting and its reservations are released — unless the worker has
+    just claimed it, in which case it is running and only stop applies."""
+    with transaction.atomic():
+        held = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING, held=False).update(held=True)
+        unqueued = 0
+        if not held:
+            unqueued = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+                status=TaskStatus.PENDING, held=True, host="", master_port=None, queued_at=None
+            )
+            if unqueued:
+                reservations_release(task_id=task.pk)
+    task.refresh_from_db()
+    if not (held or unqueued):
+        if task.held:
+            return task
+        raise ServiceValidationError({"held": f"the task is {task.status}; only a waiting task can be held"})
+    publish_event(task, EventKind.HELD, "Held: keeps its place in the queue but does not start")
+    if unqueued:
+        dispatch_on_commit()
+    return task
+
+
+def finetuning_task_release(*, task: FinetuningTask) -> FinetuningTask:
+    """Let a held task start again (it kept its place in the queue)."""
+    released = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING, held=True).update(held=False)
+    task.refresh_from_db()
+    if released:
+        publish_event(task, EventKind.RELEASED, "Released from hold")
+        dispatch_on_commit()
+    return task
 
 
 def finetuning_task_delete(*, task: FinetuningTask) -> None:

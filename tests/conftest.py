@@ -104,6 +104,26 @@ def upload(client: APIClient, path: Path, name: str | None = None) -> dict[str, 
     return response.json()
 
 
+# --- the compute inventory ----------------------------------------------------------------------
+def announce_host(name: str | None = None, spec: str = "", cpu: int = 0) -> Any:
+    """Record a live host as its GPU agent would: ``spec`` is a fake inventory ("2x80", "80,24"),
+    ``cpu`` its CPU slots. The default name is this process's FINETUNE_HOST (where run_task claims)."""
+    from gpus.inventory import Discovery, parse_fake_gpus
+    from gpus.models import Host
+    from gpus.services import host_announce
+
+    name = name or settings.FINETUNE_HOST
+    gpus = parse_fake_gpus(spec, name) if spec else []
+    host_announce(name=name, discovery=Discovery("fake" if spec else "none", gpus), cpu_slots=cpu)
+    return Host.objects.get(name=name)
+
+
+@pytest.fixture
+def cpu_host(db: None) -> Any:
+    """This host, live, with one CPU slot and no GPU (the embedded default on a laptop or CI)."""
+    return announce_host(cpu=1)
+
+
 # --- the fake swift ------------------------------------------------------------------------------
 @pytest.fixture
 def fake_swift(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.utils.translation import gettext_lazy as _
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskType, TrainType
@@ -51,15 +53,25 @@ class TaskSerializer(serializers.ModelSerializer):
             "id", "name", "description", "owner", "task_type", "train_type", "preset", "priority", "status",
             "progress", "current_step", "max_steps", "current_epoch", "loss", "learning_rate", "eta_seconds",
             "elapsed_seconds", "base_model", "model_source", "datasets", "training_args", "gpu_config",
-            "memory_estimate_gb", "gpu_memory_usage",
+            "memory_estimate_gb", "gpu_memory_usage", "held", "gpus", "master_port",
             "output_name", "output_path", "last_checkpoint", "log_file_path", "command", "command_line", "host",
             "pid", "exit_code", "error_message", "metrics", "last_log_seq", "stop_requested",
             "created_at", "queued_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
 
+    gpus = serializers.SerializerMethodField()
+
     def get_stop_requested(self, obj: FinetuningTask) -> bool:
         return obj.stop_requested_at is not None
+
+    def get_gpus(self, obj: FinetuningTask) -> list[dict[str, Any]]:
+        """What the scheduler reserved for the task: each GPU (index, UUID) or CPU slot."""
+        return [
+            {"host": obj.host, "index": r.gpu.index, "uuid": r.gpu.uuid, "name": r.gpu.name}
+            if r.gpu_id else {"host": obj.host, "cpu_slot": r.cpu_slot}
+            for r in obj.reservations.all()
+        ]
 
     def get_gpu_memory_usage(self, obj: FinetuningTask) -> dict[str, dict[str, int]]:
         """Per assigned GPU index: memory used and total (MiB) and utilization (%)."""
@@ -115,3 +127,52 @@ class DatasetUploadSerializer(serializers.Serializer):
 class LogQuerySerializer(serializers.Serializer):
     after = serializers.IntegerField(required=False, min_value=0, default=0)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000)
+
+
+class PrioritySerializer(serializers.Serializer):
+    priority = serializers.IntegerField(min_value=0, max_value=10, help_text="0-10, larger runs first.")
+
+
+class QueueRequestSerializer(serializers.Serializer):
+    kind = serializers.CharField(help_text="gpu, cpu or auto (one GPU where the host has GPUs, else a CPU slot)")
+    count = serializers.IntegerField()
+    devices = serializers.ListField(child=serializers.CharField())
+    min_memory_gb = serializers.FloatField(help_text="Per GPU: the task's gpu_config or its memory estimate.")
+
+
+class QueueEntrySerializer(serializers.Serializer):
+    """A waiting task; another user's task shows only its place, priority and request."""
+
+    position = serializers.IntegerField()
+    id = serializers.SerializerMethodField()
+    name = serializers.SerializerMethodField()
+    owner = serializers.SerializerMethodField()
+    mine = serializers.SerializerMethodField()
+    priority = serializers.IntegerField(source="task.priority")
+    held = serializers.BooleanField(source="task.held")
+    created_at = serializers.DateTimeField(source="task.created_at")
+    requested = serializers.SerializerMethodField()
+    estimated_start = serializers.DateTimeField(allow_null=True)
+    note = serializers.CharField()
+
+    def _user(self) -> Any:
+        return self.context["request"].user
+
+    def get_id(self, entry: Any) -> int | None:
+        return entry.task.pk if entry.visible else None
+
+    def get_name(self, entry: Any) -> str:
+        return entry.task.name if entry.visible else str(_("another user's task"))
+
+    def get_owner(self, entry: Any) -> str | None:
+        return entry.task.owner.username if entry.visible else None
+
+    def get_mine(self, entry: Any) -> bool:
+        return entry.task.owner_id == self._user().pk
+
+    @extend_schema_field(QueueRequestSerializer)
+    def get_requested(self, entry: Any) -> dict[str, Any]:
+        r = entry.request
+        count = r.count if r.kind == "gpu" else (0 if r.kind == "cpu" else 1)
+        return {"kind": r.kind, "count": count, "devices": list(r.devices),
+                "min_memory_gb": round(r.min_memory_mb / 1024, 1)}

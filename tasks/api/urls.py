@@ -1,13 +1,14 @@
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
-from tasks.api.views import DatasetViewSet, PresetListView, TaskViewSet, TrainingArgsView
+from tasks.api.views import DatasetViewSet, PresetListView, QueueView, TaskViewSet, TrainingArgsView
 
 router = DefaultRouter(trailing_slash=True)
 router.register("tasks", TaskViewSet, basename="task")
 router.register("datasets", DatasetViewSet, basename="dataset")
 
 urlpatterns = [
+    path("queue/", QueueView.as_view(), name="api-queue"),
     path("presets/", PresetListView.as_view(), name="preset-list"),
     path("training-args/", TrainingArgsView.as_view(), name="training-args"),
     path("", include(router.urls)),

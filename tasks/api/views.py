@@ -27,6 +27,8 @@ from tasks.api.serializers import (
     LogPageSerializer,
     LogQuerySerializer,
     MetricSerializer,
+    PrioritySerializer,
+    QueueEntrySerializer,
     TaskCreateSerializer,
     TaskSerializer,
 )
@@ -105,6 +107,33 @@ class TaskViewSet(
         task = stop_and_wait(self.get_object())
         return Response(TaskSerializer(task).data)
 
+    @extend_schema(request=PrioritySerializer, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def priority(self, request: Request, pk: str | None = None) -> Response:
+        """Change a waiting task's priority (0-10, larger first); it moves in the queue at once."""
+        task = services.finetuning_task_set_priority(task=self.get_object(), priority=request.data.get("priority"))
+        return Response(TaskSerializer(task, context={"request": request}).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def hold(self, request: Request, pk: str | None = None) -> Response:
+        """Keep a waiting task in the queue without starting it (a queued task gives back its GPUs)."""
+        task = services.finetuning_task_hold(task=self.get_object())
+        return Response(TaskSerializer(task, context={"request": request}).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str | None = None) -> Response:
+        """Let a held task start again; it kept its place in the queue."""
+        task = services.finetuning_task_release(task=self.get_object())
+        return Response(TaskSerializer(task, context={"request": request}).data)
+
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """Take a task out of the queue (the same as stop: a running task is stopped)."""
+        return self.stop(request, pk)
+
     @extend_schema(
         parameters=[
             OpenApiParameter("after", int, description="Return lines with seq greater than this."),
@@ -146,6 +175,16 @@ class TaskViewSet(
     def events(self, request: Request, pk: str | None = None) -> Response:
         """The task's lifecycle events, oldest first."""
         return Response(EventSerializer(selectors.task_events(task=self.get_object()), many=True).data)
+
+
+class QueueView(APIView):
+    """Every waiting task in the order it will start, with its position, what it asks for and an
+    estimated start from the running tasks' ETAs. Other users' tasks appear without name or id."""
+
+    @extend_schema(responses={200: QueueEntrySerializer(many=True)})
+    def get(self, request: Request) -> Response:
+        entries = selectors.queue_entries(user=request.user)
+        return Response(QueueEntrySerializer(entries, many=True, context={"request": request}).data)
 
 
 class DatasetViewSet(

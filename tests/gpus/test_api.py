@@ -11,11 +11,11 @@ from gpus.inventory import Discovery, GpuInfo, parse_fake_gpus
 from gpus.models import Gpu, Host, Reservation
 from gpus.services import host_announce
 from tasks.models import FinetuningTask
+from tests.conftest import announce_host
 
 
 def announce(name: str = "gpu-host-01", spec: str = "2x80", cpu: int = 0) -> Host:
-    host_announce(name=name, discovery=Discovery("fake", parse_fake_gpus(spec, name)), cpu_slots=cpu)
-    return Host.objects.get(name=name)
+    return announce_host(name, spec, cpu)
 
 
 def test_announcing_creates_the_host_and_its_gpus_and_reports_new_capacity(db: None) -> None:
@@ -65,7 +65,8 @@ def test_a_holder_task_is_named_only_to_its_owner_and_staff(
 
     assert holder(alice_api)["state"] == "reserved" and holder(alice_api)["holder"]["name"] == "secret-project"
     assert holder(staff_api)["holder"]["task"] == task.pk
-    assert holder(bob_api)["holder"] == {"task": None, "name": "another user's task", "status": "running"}
+    assert holder(bob_api)["holder"] == {"kind": "task", "task": None, "name": "another user's task",
+                                         "status": "running"}
 
 
 def test_staff_drain_and_enable_a_gpu_and_others_cannot(alice_api: APIClient, staff_api: APIClient) -> None:

@@ -16,6 +16,9 @@ from accounts.services import api_token_create
 from tasks import scheduler, services
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskStatus
 
+# Tasks start only where a live host offers a slot (here: one CPU slot).
+pytestmark = pytest.mark.usefixtures("cpu_host")
+
 TASKS = "/admin/tasks/finetuningtask/"
 RUNTIME_INPUTS = ["status", "pid", "command", "output_path", "host", "exit_code", "progress", "log_file_path"]
 
@@ -137,7 +140,7 @@ def test_the_task_change_page_shows_its_events_inline(staff_client: Client, task
     assert response.status_code == 200
     html = response.content.decode()
     assert 'name="events-TOTAL_FORMS"' in html
-    assert "Handed to a worker" in html
+    assert "handed to its worker" in html
     assert "Created" in html
     (inline,) = response.context["inline_admin_formsets"]
     assert [form.instance.kind for form in inline.formset.forms] == ["created", "queued"]
@@ -218,6 +221,26 @@ def test_the_task_actions_are_stop_and_delete_but_not_the_raw_delete(
     assert "stop_tasks" in actions
     assert "delete_tasks" in actions
     assert "delete_selected" not in actions
+
+
+def test_queue_actions_hold_release_and_move_priority_and_report_refusals(
+    staff_client: Client, task: FinetuningTask, alice: User, local_model: Path, dataset: Dataset
+) -> None:
+    waiting = services.finetuning_task_create(
+        owner=alice, name="waiting", base_model=str(local_model), datasets=[dataset.pk], gpu_config={"cpu": True},
+    )  # the only CPU slot is taken by `task`, so this one waits
+    post_action(staff_client, "hold_tasks", waiting.pk)
+    waiting.refresh_from_db()
+    assert waiting.held and waiting.status == TaskStatus.PENDING
+    post_action(staff_client, "release_tasks", waiting.pk)
+    post_action(staff_client, "raise_priority", waiting.pk)
+    waiting.refresh_from_db()
+    assert not waiting.held and waiting.priority == 6
+    # The queued task cannot change priority any more: the action says why and changes nothing.
+    post_action(staff_client, "lower_priority", task.pk)
+    messages = [str(m) for m in staff_client.get(TASKS).context["messages"]]
+    assert any("only a waiting task's priority can change" in m for m in messages)
+    assert FinetuningTask.objects.get(pk=task.pk).priority == 5
 
 
 def test_a_posted_delete_selected_action_deletes_nothing(staff_client: Client, task: FinetuningTask) -> None:

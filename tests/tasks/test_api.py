@@ -11,7 +11,10 @@ from django_q.models import OrmQ
 from rest_framework.test import APIClient
 
 from tasks.models import FinetuningTask, TaskStatus
-from tests.conftest import upload
+from tests.conftest import announce_host, upload
+
+# Tasks start only where a live host offers a slot (here: one CPU slot).
+pytestmark = pytest.mark.usefixtures("cpu_host")
 
 
 def task_body(model: Path, dataset_id: int, **extra: Any) -> dict[str, Any]:
@@ -273,6 +276,7 @@ def test_presets_include_the_seeds_fixed_qwen_preset_exactly(alice_api: APIClien
 
 
 def test_creating_from_the_seed_preset_needs_only_its_name(alice_api: APIClient) -> None:
+    announce_host("gpu-host-01", "1x80")
     response = alice_api.post("/api/finetuning/tasks/", {"preset": "qwen2.5-7b-lora", "output_name": "llm_test",
                                                          "gpu_config": {"gpu_id": "0"}}, format="json")
     assert response.status_code == 201, response.content
@@ -289,6 +293,7 @@ def test_an_unknown_preset_is_a_400(alice_api: APIClient) -> None:
 def test_the_seed_create_call_takes_the_camelcase_body(
     alice_api: APIClient, local_model: Path, dataset: dict[str, Any]
 ) -> None:
+    announce_host("gpu-host-01", "2x80")
     body = {
         "name": "my_finetuning_task", "description": "ChatGLM3 医疗问答微调", "baseModel": str(local_model),
         "datasetPath": dataset["name"], "outputPath": "/output/medical_chatglm3",

@@ -56,7 +56,7 @@ def all_log_lines(client: APIClient, task_id: int) -> list[dict[str, Any]]:
 def test_sft_pt_and_dpo_train_for_real_through_the_queue(
     worker: Callable[..., Any], alice_api: APIClient, tiny_model: Path, data_files: dict[str, Path]
 ) -> None:
-    worker(FINETUNE_SLOTS="2")
+    worker(FINETUNE_CPU_SLOTS="2")
     sft = upload(alice_api, data_files["sft_messages"])
     pt = upload(alice_api, data_files["pt_text"])
     dpo = upload(alice_api, data_files["dpo"])
@@ -86,11 +86,16 @@ def test_sft_pt_and_dpo_train_for_real_through_the_queue(
         assert any("[INFO:swift]" in line["text"] for line in lines)
         checkpoint = Path(task["last_checkpoint"])
         assert checkpoint.name == "checkpoint-6" and (checkpoint / "adapter_model.safetensors").is_file()
-        events = [e["kind"] for e in alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()]
+        timeline = alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()
+        events = [e["kind"] for e in timeline]
         assert events[:3] == ["created", "queued", "started"] and events[-1] == "completed"
+        assert timeline[1]["message"].startswith("Reserved a CPU slot on ")  # booked by the scheduler
         assert "checkpoint" in events
     dpo_points = alice_api.get(f"/api/finetuning/tasks/{tasks['dpo']['id']}/metrics/").json()["points"]
     assert "rewards/margins" in dpo_points[0]["values"]
+    from gpus.models import Reservation
+
+    assert not Reservation.objects.exists()  # every slot was given back
     print(f"\nreal sft+pt+dpo through the queue: {time.monotonic() - started:.1f} s wall")
 
 
@@ -114,7 +119,7 @@ def test_stopping_a_real_run_leaves_no_process_of_its_group(
 def test_real_failures_end_failed_with_a_readable_reason(
     worker: Callable[..., Any], alice_api: APIClient, tiny_model: Path, data_files: dict[str, Path]
 ) -> None:
-    worker(FINETUNE_SLOTS="2")
+    worker(FINETUNE_CPU_SLOTS="2")
     sft = upload(alice_api, data_files["sft_messages"])
     hub_dataset = create(alice_api, name="hub data offline", base_model=str(tiny_model),
                          datasets=["AI-ModelScope/alpaca-gpt4-data-zh#20"], training_args=REAL_ARGS)

@@ -23,7 +23,10 @@ from tasks.models import Dataset, FinetuningTask, TaskLogLine, TaskMetric, TaskS
 from tasks.process import group_members
 from tasks.runner import claim, reconcile_host, run_task
 from tasks.scheduler import dispatch_pending
-from tests.conftest import FAKE_SWIFT, wait_for
+from tests.conftest import FAKE_SWIFT, announce_host, wait_for
+
+# Tasks start only where a live host offers a slot (here: one CPU slot).
+pytestmark = pytest.mark.usefixtures("cpu_host")
 
 ARGS = {"max_steps": 6, "logging_steps": 1, "save_steps": 3, "model_type": "qwen2", "template": "qwen2_5"}
 
@@ -81,7 +84,8 @@ def test_the_process_gets_a_clean_argv_and_environment(
     record = tmp_path / "launch.jsonl"
     fake_swift(record=record)
     monkeypatch.setenv("SOME_WEB_SECRET", "do-not-leak")
-    task = make_task(gpu_config={"devices": "0,1"}, training_args={**ARGS, "system": "Be brief."})
+    host = announce_host(spec="3x80", cpu=1)
+    task = make_task(gpu_config={"devices": "2,0"}, training_args={**ARGS, "system": "Be brief."})
     run_task(task.pk)
     launch = json.loads(record.read_text().splitlines()[0])
     argv = launch["argv"]
@@ -91,7 +95,10 @@ def test_the_process_gets_a_clean_argv_and_environment(
         i = argv.index(pair[0])
         assert argv[i: i + 2] == pair
     env = launch["env"]
-    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["NPROC_PER_NODE"] == "2" and env["MASTER_PORT"]
+    # The reserved cards by UUID (never guessed indices), in index order; one rendezvous port.
+    uuids = dict(host.gpus.values_list("index", "uuid"))
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{uuids[0]},{uuids[2]}" and env["NPROC_PER_NODE"] == "2"
+    assert env["MASTER_PORT"] == str(task.master_port) == str(settings.FINETUNE_MASTER_PORT_BASE)
     assert env["HF_HUB_OFFLINE"] == "1" and env["USE_HF"] == "1"
     assert env["MPLCONFIGDIR"].startswith(str(Path(task.log_file_path).parent))
     assert launch["cwd"] == str(Path(task.log_file_path).parent)
@@ -292,16 +299,15 @@ def test_a_task_on_a_silent_other_host_is_failed_as_lost(db: None) -> None:
     assert fresh.status == TaskStatus.RUNNING
 
 
-def test_pending_tasks_start_by_priority_then_age(
-    make_task: Callable[..., FinetuningTask], settings: Any
-) -> None:
-    settings.FINETUNE_SLOTS = 1
-    first = make_task(priority=5)  # takes the only slot
+def test_pending_tasks_start_by_priority_then_age(make_task: Callable[..., FinetuningTask]) -> None:
+    first = make_task(priority=5)  # takes the only CPU slot
     low, high, mid, high_later = (make_task(priority=p, name=f"p{p}") for p in (1, 9, 5, 9))
     assert first.status == TaskStatus.QUEUED
     order = []
     for _ in range(4):
-        FinetuningTask.objects.filter(status=TaskStatus.QUEUED).update(status=TaskStatus.COMPLETED)
+        (running,) = FinetuningTask.objects.filter(status=TaskStatus.QUEUED)
+        assert claim(running.pk)
+        services.finetuning_task_finish(task=running, status=TaskStatus.COMPLETED, exit_code=0)
         order += dispatch_pending()
     assert order == [high.pk, high_later.pk, mid.pk, low.pk]
 

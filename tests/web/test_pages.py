@@ -55,9 +55,9 @@ def test_empty_states_say_what_to_do_next(alice_client: Client) -> None:
     assert "Create your first task" in alice_client.get("/").content.decode()
     assert "No tasks yet." in alice_client.get("/tasks/").content.decode()
     assert "No datasets yet." in alice_client.get("/datasets/").content.decode()
-    assert "coming with the GPU scheduler" in alice_client.get("/gpus/").content.decode()
-    assert "coming with the GPU scheduler" in alice_client.get("/queue/").content.decode()
-    assert "coming with deployments" in alice_client.get("/deployments/").content.decode()
+    # The GPUs, queue and deployments pages have their own empty-state tests.
+    for url in ("/gpus/", "/queue/", "/deployments/"):
+        assert alice_client.get(url).status_code == 200
 
 
 @pytest.mark.parametrize("name", PAGES)
@@ -72,8 +72,8 @@ def test_every_page_renders_in_chinese(alice_client: Client, name: str) -> None:
 def test_the_chinese_pages_translate_the_empty_states(alice_client: Client) -> None:
     html = alice_client.get("/tasks/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "还没有任务" in html
-    html = alice_client.get("/gpus/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
-    assert "GPU 调度器" in html
+    html = alice_client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "还没有数据集。" in html
 
 
 def test_the_language_switcher_sets_the_language(alice_client: Client) -> None:

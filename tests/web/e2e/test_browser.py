@@ -45,7 +45,7 @@ def test_a_run_is_watched_live_then_reloaded_and_a_second_task_is_stopped(
 ) -> None:
     from playwright.sync_api import expect
 
-    env = {"FINETUNE_SMOKE_MODEL": str(tiny_model), "FINETUNE_SLOTS": "2", "FINETUNE_CPU_SLOTS": "2"}
+    env = {"FINETUNE_SMOKE_MODEL": str(tiny_model), "FINETUNE_CPU_SLOTS": "2"}
     base_url = web_server(**env)
     worker(**env)
     page = log_in(browser, base_url, "alice", "alice-pass-123")
