@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run worker web test browser lint format check bench-overhead clean
+.PHONY: install run worker web test browser lint format check bench-overhead bench-dispatch bench-live bench-gateway clean
 
 install: $(VENV)/.installed $(SWIFT_VENV)/.installed
 
@@ -67,8 +67,18 @@ format:
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+## Benchmarks (bench/): each prints its figures; DATABASE_URL picks PostgreSQL (use a scratch database).
 bench-overhead: install
 	$(VENV)/bin/python bench/overhead.py
+
+bench-dispatch: install
+	$(VENV)/bin/python bench/dispatch.py
+
+bench-live: install
+	$(VENV)/bin/python bench/live.py
+
+bench-gateway: install
+	$(VENV)/bin/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) $(SWIFT_VENV)

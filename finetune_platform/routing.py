@@ -3,6 +3,7 @@ the session auth middleware."""
 
 from django.urls import URLPattern
 
+from gpus.routing import websocket_urlpatterns as gpu_routes
 from tasks.routing import websocket_urlpatterns as task_routes
 
-websocket_urlpatterns: list[URLPattern] = [*task_routes]
+websocket_urlpatterns: list[URLPattern] = [*task_routes, *gpu_routes]

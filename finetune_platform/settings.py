@@ -317,5 +317,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "stream": sys.stderr}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django_q": {"level": env_str("Q_LOG_LEVEL", "WARNING")}},
+    # httpx logs every request the deployment gateway proxies at INFO.
+    "loggers": {"django_q": {"level": env_str("Q_LOG_LEVEL", "WARNING")}, "httpx": {"level": "WARNING"}},
 }

@@ -4,11 +4,14 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 
 urlpatterns = [
     path("", include("tasks.urls")),
+    path("", include("gpus.urls")),  # /gpus/ and /queue/
     path("accounts/", include("accounts.urls")),
+    path("deployments/", include("deployments.urls")),
     path("admin/", admin.site.urls),
     path("api/auth/", include("accounts.api.urls")),
     path("api/finetuning/", include("tasks.api.urls")),
     path("api/gpus/", include("gpus.api.urls")),
+    path("api/deployments/", include("deployments.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="api-redoc"),

@@ -1,11 +1,16 @@
 """Reads of the inventory. GPUs are shared, not owned: everyone sees every GPU, but a holder task
-is named only to its owner and to staff."""
+is named only to its owner and to staff. The GPUs and queue pages and their socket render
+:func:`gpu_overview` and :func:`queue_overview`."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from gpus.models import Gpu, Host, Reservation
 
@@ -83,3 +88,177 @@ def task_gpu_memory_usage(task: Any) -> dict[str, dict[str, int]]:
                        "utilization": g.utilization_pct}
         for g in gpus
     }
+
+
+# --- payloads ------------------------------------------------------------------------------------
+def _holder_url(kind: str, pk: int) -> str | None:
+    try:
+        return reverse("task_detail" if kind == "task" else "deployment_detail", args=[pk])
+    except NoReverseMatch:
+        return None
+
+
+def _status_label(kind: str, status: str) -> str:
+    from deployments.models import DeploymentStatus
+    from tasks.models import TaskStatus
+
+    choices = TaskStatus.choices if kind == "task" else DeploymentStatus.choices
+    return str(dict(choices).get(status, status))
+
+
+def _holder_payload(holder: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``gpu_holder``'s answer for a page: a link for the owner and staff, translated words otherwise."""
+    if holder is None:
+        return None
+    kind = holder["kind"]
+    pk = holder.get(kind)
+    if pk is None:
+        name = _("another user's task") if kind == "task" else _("another user's deployment")
+    else:
+        name = holder["name"]
+    return {
+        "kind": kind,
+        "id": pk,
+        "name": name,
+        "status": holder["status"],
+        "status_label": _status_label(kind, holder["status"]),
+        "url": _holder_url(kind, pk) if pk is not None else None,
+    }
+
+
+def _slot_holder(reservation: Reservation, user: Any) -> dict[str, Any] | None:
+    """The holder of a CPU slot, hidden from other users by the same rule as ``gpu_holder``."""
+    holder = reservation.task or reservation.deployment
+    if holder is None:
+        return None
+    kind = "task" if reservation.task_id else "deployment"
+    mine = user.is_staff or holder.owner_id == user.pk
+    return {"kind": kind, kind: holder.pk if mine else None, "name": holder.name if mine else "",
+            "status": holder.status}
+
+
+def _gpu_payload(gpu: Gpu, user: Any) -> dict[str, Any]:
+    total = gpu.memory_total_mb
+    return {
+        "id": gpu.pk,
+        "index": gpu.index,
+        "name": gpu.name,
+        "uuid": gpu.uuid,
+        "memory_used_mb": gpu.memory_used_mb,
+        "memory_total_mb": total,
+        "memory_used_gb": round(gpu.memory_used_mb / 1024, 1),
+        "memory_total_gb": round(total / 1024, 1),
+        "memory_pct": round(min(100.0, 100.0 * gpu.memory_used_mb / total), 1) if total else 0.0,
+        "utilization_pct": gpu.utilization_pct,
+        "temperature_c": gpu.temperature_c,
+        "enabled": gpu.enabled,
+        "present": gpu.present,
+        "state": gpu_state(gpu),
+        "holder": _holder_payload(gpu_holder(gpu, user)),
+    }
+
+
+def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
+    """Every host (by name) with its GPUs (by index), their state and holder, and its CPU slots."""
+    now = timezone.now()
+    by_host: dict[int, list[Gpu]] = {}
+    for gpu in gpu_list():
+        by_host.setdefault(gpu.host_id, []).append(gpu)
+    slot_reservations = Reservation.objects.filter(cpu_slot__isnull=False).select_related("task", "deployment")
+    hosts: list[Host] = list(
+        host_list().prefetch_related(
+            Prefetch("reservations", queryset=slot_reservations, to_attr="slot_reservations")
+        )
+    )
+    overview = []
+    for host in hosts:
+        held = {r.cpu_slot: r for r in host.slot_reservations}
+        slots = []
+        for slot in range(host.cpu_slots):
+            reservation = held.get(slot)
+            holder = _slot_holder(reservation, user) if reservation is not None else None
+            slots.append({"slot": slot, "holder": _holder_payload(holder)})
+        overview.append({
+            "name": host.name,
+            "live": host.is_live,
+            "enabled": host.enabled,
+            "last_seen": host.last_seen_at,
+            "seen_seconds_ago": round((now - host.last_seen_at).total_seconds()) if host.last_seen_at else None,
+            "backend": host.gpu_backend,
+            "error": host.gpu_error,
+            "cpu_slots": slots,
+            "cpu_held": sum(1 for s in slots if s["holder"] is not None),
+            "gpus": [_gpu_payload(gpu, user) for gpu in by_host.get(host.pk, [])],
+        })
+    return overview
+
+
+def request_label(kind: str, count: int, devices: list[str], min_memory_gb: float) -> str:
+    """What a waiting task asked for, in words: ``2 × GPU, ≥ 40 GiB each``, ``GPU 0,1``, ``CPU slot``."""
+    if kind == "cpu":
+        return _("a CPU slot")
+    if kind == "auto":
+        text = _("one GPU, or a CPU slot on a host without GPUs")
+    elif devices:
+        text = _("GPU %(devices)s") % {"devices": ",".join(devices)}
+    else:
+        text = _("%(n)s × GPU") % {"n": count}
+    if min_memory_gb:
+        text += " · " + _("≥ %(gb)s GiB each") % {"gb": f"{min_memory_gb:g}"}
+    return text
+
+
+def _to_minute(moment: datetime | None) -> datetime | None:
+    """An estimate to the minute: the page says "in ~12 min", and a start time that moves by
+    seconds on every read must not count as a change."""
+    if moment is None:
+        return None
+    return (moment + timedelta(seconds=30)).replace(second=0, microsecond=0)
+
+
+def queue_overview(*, user: Any) -> list[dict[str, Any]]:
+    """The waiting tasks in dispatch order (``queue_entries``), as the queue page shows them."""
+    from tasks.selectors import queue_entries
+
+    now = timezone.now()
+    entries = []
+    for entry in queue_entries(user=user):
+        task, r = entry.task, entry.request
+        count = r.count if r.kind == "gpu" else (0 if r.kind == "cpu" else 1)
+        min_memory_gb = round(r.min_memory_mb / 1024, 1)
+        start = _to_minute(entry.estimated_start)
+        entries.append({
+            "position": entry.position,
+            "visible": entry.visible,
+            "id": task.pk if entry.visible else None,
+            "name": task.name if entry.visible else _("another user's task"),
+            "owner": task.owner.get_username() if entry.visible else None,
+            "mine": task.owner_id == user.pk,
+            "url": reverse("task_detail", args=[task.pk]) if entry.visible else None,
+            "priority": task.priority,
+            "held": task.held,
+            "created_at": task.created_at,
+            "waited_seconds": max(0, round((now - task.created_at).total_seconds())),
+            "request": {"kind": r.kind, "count": count, "devices": list(r.devices), "min_memory_gb": min_memory_gb},
+            "request_label": request_label(r.kind, count, list(r.devices), min_memory_gb),
+            "estimated_start": start,
+            "starts_in_seconds": max(0, round((start - now).total_seconds())) if start else None,
+            "note": str(entry.note),
+        })
+    return entries
+
+
+def starts_in_text(seconds: float | None) -> str:
+    """``None`` → empty (the page shows the note instead); ``90`` → ``in ~2 min``; ``5400`` →
+    ``in ~1 h 30 min``. Mirrored by ``static/js/queue.js``."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return _("within a minute")
+    minutes = int(seconds / 60 + 0.5)
+    if minutes < 60:
+        return _("in ~%(m)s min") % {"m": minutes}
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return _("in ~%(h)s h %(m)s min") % {"h": hours, "m": minutes}
+    return _("in ~%(d)s d %(h)s h") % {"d": hours // 24, "h": hours % 24}

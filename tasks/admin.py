@@ -12,7 +12,7 @@ from django.http import HttpRequest
 
 from finetune_platform.errors import ServiceValidationError
 from tasks import services
-from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
+from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskExport, TaskLogLine, TaskMetric
 from tasks.scheduler import dispatch_on_commit
 
 
@@ -40,6 +40,7 @@ RUNTIME_FIELDS = [
     "status", "progress", "current_step", "max_steps", "epoch", "loss", "learning_rate", "eta_seconds",
     "model_source", "model_path", "output_path", "log_file_path", "command", "host", "pid", "process_started",
     "runner_pid", "heartbeat_at", "exit_code", "error_message", "last_checkpoint", "metrics", "last_log_seq",
+    "run_number", "resume_from", "run_dir",
     "created_at", "queued_at", "started_at", "finished_at", "stop_requested_at", "delete_requested_at",
 ]
 
@@ -55,14 +56,16 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     # description and priority stay editable.
     readonly_fields = [
         "owner", "task_type", "train_type", "preset", "base_model", "datasets", "training_args", "gpu_config",
-        "output_name", "held", "master_port", "memory_estimate_gb", *RUNTIME_FIELDS,
+        "output_name", "held", "master_port", "memory_estimate_gb", "auto_export", *RUNTIME_FIELDS,
     ]
     list_select_related = ["owner"]
     inlines = [TaskEventInline]
-    actions = ["stop_tasks", "delete_tasks", "hold_tasks", "release_tasks", "raise_priority", "lower_priority"]
+    actions = ["stop_tasks", "delete_tasks", "hold_tasks", "release_tasks", "raise_priority", "lower_priority",
+               "resume_tasks", "export_tasks"]
     fieldsets = [
         (None, {"fields": ["name", "description", "owner", "task_type", "train_type", "preset", "priority"]}),
-        ("What it trains", {"fields": ["base_model", "datasets", "training_args", "gpu_config", "output_name"]}),
+        ("What it trains", {"fields": ["base_model", "datasets", "training_args", "gpu_config", "output_name",
+                                       "auto_export"]}),
         ("Scheduling", {"fields": ["held", "memory_estimate_gb", "master_port"]}),
         ("Runtime", {"fields": RUNTIME_FIELDS}),
     ]
@@ -114,6 +117,14 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
             except ServiceValidationError as exc:
                 messages.warning(request, f"#{task.pk} {task.name}: {exc}")
         messages.success(request, done.format(n=count))
+
+    @admin.action(description="Resume selected stopped or failed tasks from their last checkpoint")
+    def resume_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, services.finetuning_task_resume, "Resumed {n} task(s).")
+
+    @admin.action(description="Export (merge LoRA) the last checkpoint of selected tasks")
+    def export_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, services.task_export_create, "Queued {n} export(s).")
 
     @admin.action(description="Stop selected tasks")
     def stop_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
@@ -189,3 +200,30 @@ class TaskEventAdmin(TaskChildAdmin):
     list_display = ["task", "kind", "message", "created_at"]
     list_filter = ["kind", "task__owner"]
     readonly_fields = ["task", "kind", "message", "data", "created_at"]
+
+
+@admin.register(TaskExport)
+class TaskExportAdmin(TaskChildAdmin):
+    """Merges of checkpoints into full models. Created from the API, the task page or the task
+    admin's "Export" action (the same service); stopped with the action below."""
+
+    list_display = ["id", "task", "checkpoint_name", "status", "host", "size_bytes", "created_at", "finished_at"]
+    list_filter = ["status", "host", "task__owner"]
+    search_fields = [*TaskChildAdmin.search_fields, "checkpoint", "output_path"]
+    readonly_fields = ["task", "checkpoint", "step", "status", "output_path", "size_bytes", "command", "host", "pid",
+                       "process_started", "runner_pid", "exit_code", "error_message", "log_file_path", "log_text",
+                       "created_at", "started_at", "finished_at", "stop_requested_at"]
+    actions = ["stop_exports"]
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # a raw delete would orphan a running merge
+        return actions
+
+    @admin.action(description="Stop selected exports")
+    def stop_exports(self, request: HttpRequest, queryset: QuerySet[TaskExport]) -> None:
+        count = 0
+        for export in queryset.filter(status__in=["pending", "running"]):
+            services.task_export_stop(export=export)
+            count += 1
+        messages.success(request, f"Asked {count} export(s) to stop.")

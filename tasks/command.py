@@ -111,8 +111,14 @@ def resolve_dataset_argument(task: FinetuningTask, spec: Any) -> str:
     raise LaunchError(f"Dataset {spec!r} is neither an uploaded dataset id nor a hub dataset id.")
 
 
-def build_argv(task: FinetuningTask, *, output_dir: Path) -> list[str]:
-    """The complete argv for a task, starting with the swift executable."""
+def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | None = None) -> list[str]:
+    """The complete argv for a task, starting with the swift executable.
+
+    The first run writes straight into ``output_dir`` (``--add_version false``). A resumed run adds
+    ``--resume_from_checkpoint`` and lets swift create a new versioned folder ``output_dir/v<N>-…``
+    (``--add_version true``): the earlier run's checkpoints and ``logging.jsonl`` stay untouched,
+    and the runner follows the new folder's ``logging.jsonl``.
+    """
     args = dict(task.training_args or {})
     argv: list[str] = [settings.FINETUNE_SWIFT_BIN, *subcommand_for(task.task_type)]
     argv += ["--model", task.model_path]
@@ -130,7 +136,16 @@ def build_argv(task: FinetuningTask, *, output_dir: Path) -> list[str]:
         for key in ("lora_rank", "lora_alpha", "lora_dropout", "target_modules"):
             args.pop(key, None)
     argv += training_args_to_argv(args)
-    argv += ["--output_dir", str(output_dir), "--add_version", "false"]
+    if resume_from is not None:
+        checkpoint = Path(resume_from)
+        if not checkpoint.is_absolute() or not is_within(checkpoint, output_dir) or not checkpoint.is_dir():
+            raise LaunchError(
+                f"The checkpoint to resume from is missing or not inside the task's output folder: {checkpoint}"
+            )
+        argv += ["--output_dir", str(output_dir), "--add_version", "true",
+                 "--resume_from_checkpoint", str(checkpoint.resolve())]
+    else:
+        argv += ["--output_dir", str(output_dir), "--add_version", "false"]
     if settings.FINETUNE_OFFLINE or task.model_source == "local":
         # check_model asks the hub whether the weights changed: pointless for a local folder and a
         # ~24 s stall when offline (see docs/ms-swift-notes.md).
@@ -156,9 +171,9 @@ class LaunchEnv:
     devices: list[str]
 
 
-def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
-    """The per-task environment: own temp and preprocessing caches, shared hub download cache,
-    hub access off when the platform is offline, and the devices the task was given."""
+def base_env(*, workdir: Path) -> dict[str, str]:
+    """What every swift process gets, whatever it does: own temp and preprocessing caches under
+    ``workdir``, the shared hub download cache, hub access off when the platform is offline."""
     cache = workdir / "cache"
     for sub in ("datasets", "mpl", "tmp", "xdg"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
@@ -181,18 +196,58 @@ def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
     )
     if settings.FINETUNE_OFFLINE:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HF": "1"})
-    # The devices are the GPUs the scheduler reserved, by UUID (NVML indices can differ from the
-    # CUDA order and across reboots); a CPU slot hides every GPU.
-    reserved = sorted((r for r in task.reservations.select_related("gpu") if r.gpu_id), key=lambda r: r.gpu.index)
+    return env
+
+
+def apply_reserved_gpus(env: dict[str, str], reservations: Any) -> list[str]:
+    """Show a process exactly the GPUs the scheduler reserved for its holder: their UUIDs (NVML
+    indices can differ from the CUDA order and across reboots) in index order; a CPU slot hides
+    every GPU. Returns the UUIDs."""
+    reserved = sorted((r for r in reservations.select_related("gpu") if r.gpu_id), key=lambda r: r.gpu.index)
     devices = [r.gpu.uuid for r in reserved]
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     if devices:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return devices
+
+
+def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
+    """The per-task environment (:func:`base_env`) plus the devices the task was given."""
+    env = base_env(workdir=workdir)
+    devices = apply_reserved_gpus(env, task.reservations)
     if len(devices) > 1:
         env["NPROC_PER_NODE"] = str(len(devices))
     if task.master_port:
         env["MASTER_PORT"] = str(task.master_port)
     return LaunchEnv(env=env, devices=devices)
+
+
+def build_export_argv(*, checkpoint: Path, output_dir: Path) -> list[str]:
+    """``swift export`` merging a LoRA checkpoint into a full model in ``output_dir``.
+
+    Paths are absolute (swift reads the base model and template from the checkpoint's args.json,
+    and writes the paths it was given into the merged folder's args.json). ``--check_model`` is a
+    training argument only; export would refuse it, so offline mode is the environment's job.
+    """
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if not checkpoint.is_absolute() or not output_dir.is_absolute():
+        raise LaunchError("export paths must be absolute")
+    if not checkpoint.is_dir():
+        raise LaunchError(f"The checkpoint to export is missing: {checkpoint}")
+    argv = [settings.FINETUNE_SWIFT_BIN, "export", "--adapters", str(checkpoint), "--merge_lora", "true",
+            "--output_dir", str(output_dir)]
+    for value in argv[1:]:
+        if "\x00" in value:
+            raise LaunchError("An argument contains a NUL character.")
+    return argv
+
+
+def build_export_env(*, workdir: Path) -> LaunchEnv:
+    """An export merges on the CPU: no GPU is reserved for it, so every GPU is hidden (a merge of a
+    7B model needs about its size in RAM and takes minutes, not a training slot)."""
+    env = base_env(workdir=workdir)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return LaunchEnv(env=env, devices=[])
 
 
 def validate_dataset_specs(owner_id: int, specs: Any) -> list[Any]:

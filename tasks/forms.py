@@ -189,6 +189,11 @@ class TaskForm(GpuRequestForm):
         required=False,
         help_text=_("A label for the trained model; the folder is chosen by the server."),
     )
+    auto_export = forms.BooleanField(
+        label=_("Export when completed"),
+        required=False,
+        help_text=_("LoRA/QLoRA: merge the last checkpoint into a full model when training completes."),
+    )
 
     def __init__(self, *args: Any, datasets: list[Any] = (), **kwargs: Any) -> None:  # type: ignore[assignment]
         super().__init__(*args, **kwargs)
@@ -237,6 +242,7 @@ class TaskForm(GpuRequestForm):
             "gpu_config": self.gpu_config(),
             "priority": data["priority"],
             "output_name": data.get("output_name") or "",
+            "auto_export": bool(data.get("auto_export")),
         }
 
     @classmethod

@@ -24,6 +24,8 @@ class TaskStatus(models.TextChoices):
 
 ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING)
 TERMINAL_STATUSES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.STOPPED)
+#: A task in one of these may be resumed from one of its checkpoints (a new run of the same task).
+RESUMABLE_STATUSES = (TaskStatus.STOPPED, TaskStatus.FAILED)
 
 
 class TaskType(models.TextChoices):
@@ -71,6 +73,9 @@ class FinetuningTask(models.Model):
       ``queued → running``, so a re-delivered job is a no-op.
     * ``running``: the ``swift`` process group is alive on ``host``; ``heartbeat_at`` moves.
     * ``completed`` / ``failed`` / ``stopped``: terminal. ``error_message`` says why a task failed.
+    * ``stopped`` / ``failed`` ──resume──▶ ``pending``: a new run of the same task from one of its
+      checkpoints (``run_number`` + 1, ``resume_from``); its log lines, metrics and events continue
+      the task's history (see ``tasks.services.finetuning_task_resume``).
 
     A stop of a pending or queued task is immediate; a stop of a running task sets
     ``stop_requested_at`` and the runner signals the process group. A delete of a running task
@@ -132,6 +137,23 @@ class FinetuningTask(models.Model):
     metrics = models.JSONField(_("metrics"), default=dict, blank=True, help_text=_("Final summary from swift."))
     last_log_seq = models.PositiveIntegerField(default=0)
 
+    # Resume and export (issue 5).
+    run_number = models.PositiveIntegerField(
+        _("run"), default=1, help_text=_("1 for the first run; each resume from a checkpoint adds one."),
+    )
+    resume_from = models.CharField(
+        _("resumed from"), max_length=1000, blank=True,
+        help_text=_("The checkpoint the current run resumes from (empty for a run from scratch)."),
+    )
+    run_dir = models.CharField(
+        _("run folder"), max_length=1000, blank=True,
+        help_text=_("Where the current run writes: the output folder, or the versioned folder of a resumed run."),
+    )
+    auto_export = models.BooleanField(
+        _("export when completed"), default=False,
+        help_text=_("When a LoRA/QLoRA task completes, merge its last checkpoint into a full model."),
+    )
+
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     queued_at = models.DateTimeField(_("queued"), null=True, blank=True)
     started_at = models.DateTimeField(_("started"), null=True, blank=True)
@@ -174,6 +196,16 @@ class FinetuningTask(models.Model):
     @property
     def workdir(self) -> Path:
         return Path(self.log_file_path).parent if self.log_file_path else Path()
+
+    @property
+    def can_resume(self) -> bool:
+        """Stopped or failed, with a checkpoint to go on from (the service re-checks the folder)."""
+        return self.status in RESUMABLE_STATUSES and bool(self.last_checkpoint)
+
+    @property
+    def can_export(self) -> bool:
+        """A LoRA/QLoRA task's adapters can be merged into a full model (a full fine-tune needs no merge)."""
+        return self.train_type != TrainType.FULL
 
 
 class TaskLogLine(models.Model):
@@ -230,12 +262,16 @@ class EventKind(models.TextChoices):
     PRIORITY = "priority", _("Priority changed")
     HELD = "held", _("Held")
     RELEASED = "released", _("Released from hold")
+    RESUMED = "resumed", _("Resumed")
     STARTED = "started", _("Started")
     CHECKPOINT = "checkpoint", _("Checkpoint saved")
     STOP_REQUESTED = "stop_requested", _("Stop requested")
     STOPPED = "stopped", _("Stopped")
     FAILED = "failed", _("Failed")
     COMPLETED = "completed", _("Completed")
+    EXPORT_QUEUED = "export_queued", _("Export queued")
+    EXPORTED = "exported", _("Exported")
+    EXPORT_FAILED = "export_failed", _("Export failed")
 
 
 class TaskEvent(models.Model):
@@ -284,3 +320,78 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.name}"
+
+
+class ExportStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    RUNNING = "running", _("Running")
+    COMPLETED = "completed", _("Completed")
+    FAILED = "failed", _("Failed")
+
+
+ACTIVE_EXPORT_STATUSES = (ExportStatus.PENDING, ExportStatus.RUNNING)
+
+
+class TaskExportQuerySet(OwnedQuerySet):
+    owner_field = "task__owner"
+
+
+class TaskExport(models.Model):
+    """One ``swift export --merge_lora`` of a LoRA/QLoRA task's checkpoint into a full model.
+
+    State machine (conditional updates in ``tasks.services`` and ``tasks.exports``)::
+
+        pending ──worker claims──▶ running ──exit 0──▶ completed
+           │                          └──exit ≠ 0 / stop / lost──▶ failed
+           └──────────── task deleted / worker lost ──────────────▶ failed
+
+    ``output_path`` is absolute and chosen by the server (``<checkpoint>-merged``); a completed
+    export's folder holds ``config.json`` and the merged weights, ready to deploy or download. A
+    failed export's partial folder is removed.
+    """
+
+    task = models.ForeignKey(FinetuningTask, on_delete=models.CASCADE, related_name="exports")
+    checkpoint = models.CharField(_("checkpoint"), max_length=1000, help_text=_("Absolute path of the checkpoint."))
+    step = models.PositiveIntegerField(_("step"), null=True, blank=True)
+    status = models.CharField(
+        _("status"), max_length=16, choices=ExportStatus.choices, default=ExportStatus.PENDING, db_index=True
+    )
+    output_path = models.CharField(_("output path"), max_length=1000, help_text=_("The merged model's folder."))
+    log_file_path = models.CharField(_("log file"), max_length=1000, blank=True)
+    log_text = models.TextField(_("log"), blank=True, help_text=_("The last lines of swift's output."))
+    command = models.JSONField(_("command"), default=list, blank=True, help_text=_("The argv as run."))
+    error_message = models.TextField(_("error message"), blank=True)
+    exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
+    host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("The worker host that ran it."))
+    pid = models.IntegerField(_("process id"), null=True, blank=True)
+    process_started = models.FloatField(null=True, blank=True, help_text="psutil create_time() of the process")
+    runner_pid = models.IntegerField(null=True, blank=True, help_text="pid of the worker supervising the export")
+    size_bytes = models.PositiveBigIntegerField(_("size"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TaskExportQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["task", "-created_at"])]
+        constraints = [
+            # Two requests racing to export the same checkpoint: the second insert fails.
+            models.UniqueConstraint(
+                fields=["task", "checkpoint"], condition=models.Q(status__in=["pending", "running"]),
+                name="export_one_active_per_checkpoint",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"export #{self.pk} of task {self.task_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_EXPORT_STATUSES
+
+    @property
+    def checkpoint_name(self) -> str:
+        return Path(self.checkpoint).name if self.checkpoint else ""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ def is_within(path: Path, root: Path) -> bool:
         return path.resolve(strict=False).is_relative_to(root.resolve(strict=False))
     except (OSError, RuntimeError):
         return False
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes under ``folder`` (links not followed; files that vanish meanwhile are skipped)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += (Path(dirpath) / name).lstat().st_size
+            except OSError:
+                continue
+    return total
 
 
 def _refuse_odd_characters(value: str, what: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import psutil
 
@@ -72,3 +73,31 @@ def stop_group(pgid: int, *, grace: float, poll: float = 0.1) -> bool:
             return True
         time.sleep(poll)
     return not group_members(pgid)
+
+
+def supervision_lost(
+    *, holder_host: str, runner_pid: int | None, heartbeat_at: Any, pid: int | None,
+    process_started: float | None, this_host: str, stale_after: float,
+) -> tuple[bool, float] | None:
+    """Whether the supervision of a running process is gone, for the reconcilers of tasks, exports
+    and deployments. ``None``: it is fine. Otherwise ``(here, silent_for)``:
+
+    * on this host it is lost when its runner (a worker process) is gone or has been silent for
+      ``stale_after`` seconds; the swift group it left behind (same pid *and* start time, so a
+      recycled pid is never touched) is stopped here and now;
+    * on another host it is lost when that host has been silent for three times as long.
+    """
+    from django.conf import settings
+    from django.utils import timezone
+
+    silent_for = (timezone.now() - heartbeat_at).total_seconds() if heartbeat_at else float("inf")
+    if holder_host == this_host:
+        runner_alive = bool(runner_pid) and psutil.pid_exists(runner_pid) and runner_pid != os.getpid()
+        if runner_alive and silent_for < stale_after:
+            return None
+        if process_matches(pid, process_started):
+            stop_group(pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+        return True, silent_for
+    if silent_for > 3 * stale_after:
+        return False, silent_for
+    return None

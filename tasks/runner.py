@@ -5,12 +5,20 @@ launch in a new session with output to the task's log file, follow the log and
 ``logging.jsonl`` through the :class:`~tasks.publisher.ProgressPublisher`, honour stop requests
 (SIGTERM to the group, SIGKILL after the grace period), and write the terminal state with a
 conditional update. Whatever happens, the ``finally`` leaves no process of the group alive.
+
+A resumed run (``task.resume_from`` set by :func:`tasks.services.finetuning_task_resume`) passes
+``--resume_from_checkpoint``; swift then writes into a new versioned folder ``output/v<N>-…``
+whose ``logging.jsonl`` starts at step N+1. The runner finds that folder (swift's
+``output_dir: …`` line, else the ``v*-*`` folder that appeared after the launch) and follows its
+``logging.jsonl``; it reads ``train.log`` from where the earlier runs ended, so log sequence numbers
+and metric steps continue without repeats.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -24,14 +32,19 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from tasks.command import LaunchError, build_argv, build_env
+from tasks.exports import reconcile_exports
 from tasks.models import EventKind, FinetuningTask, TaskStatus
-from tasks.process import group_members, process_matches, signal_group, stop_group
+from tasks.paths import is_within
+from tasks.process import group_members, signal_group, stop_group, supervision_lost
 from tasks.publisher import ProgressPublisher
+from tasks.selectors import run_folders
 from tasks.swift_output import JsonlTail, LogSplitter, checkpoint_saved, explain_failure, interpret_logging_record
 
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 20
+#: swift's line naming the versioned folder it created (``SftArguments._add_version``).
+_OUTPUT_DIR_LINE = re.compile(r"\[INFO:swift\] output_dir: (?P<path>\S.*?)\s*$")
 
 
 def claim(task_id: int) -> bool:
@@ -62,24 +75,44 @@ class TaskRun:
         self.stop_signalled_at: float | None = None
         self.killed = False
         self.jsonl: JsonlTail | None = None
+        self.run_dir: Path | None = None
+        self.resume_from: Path | None = Path(task.resume_from) if task.resume_from else None
+        self.folders_before: set[str] = set()
 
     # --- main -------------------------------------------------------------------------------
     def run(self) -> None:
         task = self.task
-        self.publisher.event(EventKind.STARTED, f"Started on {task.host}", host=task.host)
         output_dir = Path(task.output_path)
+        if self.resume_from is not None:
+            self.publisher.event(
+                EventKind.STARTED, f"Started on {task.host}: run {task.run_number}, resuming from "
+                f"{self.resume_from.name}", host=task.host, run=task.run_number, checkpoint=str(self.resume_from),
+            )
+        else:
+            self.publisher.event(EventKind.STARTED, f"Started on {task.host}", host=task.host)
         log_path = Path(task.log_file_path)
         workdir = log_path.parent
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             output_dir.mkdir(parents=True, exist_ok=True)
-            argv = build_argv(task, output_dir=output_dir)
+            argv = build_argv(task, output_dir=output_dir, resume_from=self.resume_from)
             launch = build_env(task, workdir=workdir)
         except LaunchError as exc:
             self.finish(TaskStatus.FAILED, error=str(exc))
             return
-        self.jsonl = JsonlTail(output_dir / "logging.jsonl")
+        if self.resume_from is None:
+            self.follow_run_dir(output_dir)
+        else:
+            # swift names the new folder at start-up; remember what existed so it can be told apart.
+            self.folders_before = {p.name for p in run_folders(output_dir)}
+        try:
+            # The log file holds the earlier runs too: read only what this run appends.
+            self.log_offset = log_path.stat().st_size
+        except FileNotFoundError:
+            self.log_offset = 0
         with log_path.open("ab") as log:
+            if self.resume_from is not None:
+                log.write(f"--- run {task.run_number}: resuming from {self.resume_from} ---\n".encode())
             log.write(f"$ {shlex.join(argv)}\n".encode())
             log.flush()
             try:
@@ -141,6 +174,8 @@ class TaskRun:
             pass
         if final:
             self._lines(self.splitter.flush())
+        if self.jsonl is None and self.resume_from is not None:
+            self.find_run_dir()
         if self.jsonl is not None:
             for record in self.jsonl.read():
                 meaning = interpret_logging_record(record)
@@ -151,12 +186,38 @@ class TaskRun:
                 if meaning.last_checkpoint:
                     self.publisher.set(last_checkpoint=meaning.last_checkpoint)
 
+    def follow_run_dir(self, folder: Path) -> None:
+        """Follow ``folder/logging.jsonl`` from now on (the folder this run writes into)."""
+        self.run_dir = folder
+        self.jsonl = JsonlTail(folder / "logging.jsonl")
+        self.publisher.set(run_dir=str(folder))
+
+    def find_run_dir(self, named: str | None = None) -> None:
+        """The versioned folder of a resumed run: the one swift named in its log if it is a new
+        folder directly under the output folder, else the newest ``v*-*`` folder that was not there
+        before the launch."""
+        output_dir = Path(self.task.output_path)
+        if named is not None:
+            candidate = Path(named)
+            if candidate.parent == output_dir and is_within(candidate, output_dir) and (
+                candidate.name not in self.folders_before
+            ):
+                self.follow_run_dir(candidate)
+            return
+        fresh = [p for p in run_folders(output_dir) if p.name not in self.folders_before]
+        if fresh:
+            self.follow_run_dir(fresh[-1])
+
     def _lines(self, lines: list[str]) -> None:
         if not lines:
             return
         self.tail_lines.extend(lines)
         self.publisher.add_lines(lines)
         for line in lines:
+            if self.jsonl is None and self.resume_from is not None:
+                named = _OUTPUT_DIR_LINE.search(line)
+                if named:
+                    self.find_run_dir(named.group("path"))
             path = checkpoint_saved(line)
             if path:
                 self.publisher.set(last_checkpoint=path)
@@ -194,8 +255,9 @@ class TaskRun:
 
         if status == TaskStatus.COMPLETED:
             self.publisher.set(progress=100.0, eta_seconds=0.0)
-            if not self.task.last_checkpoint:
-                self.publisher.set(last_checkpoint=_latest_checkpoint(Path(self.task.output_path)))
+            latest = _latest_checkpoint(self.run_dir or Path(self.task.output_path))
+            if latest and _step_of(latest) >= _step_of(self.task.last_checkpoint):
+                self.publisher.set(last_checkpoint=latest)
         self.publisher.flush(force=True)
         finetuning_task_finish(task=self.task, status=status, exit_code=exit_code, error=error)
 
@@ -205,6 +267,11 @@ class TaskRun:
             return
         if self.proc.poll() is None or group_members(self.proc.pid):
             stop_group(self.proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+
+
+def _step_of(path: str) -> int:
+    suffix = Path(path).name.removeprefix("checkpoint-") if path else ""
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def _latest_checkpoint(output_dir: Path) -> str:
@@ -242,7 +309,8 @@ def run_task(task_id: int) -> str:
 
 
 def reconcile_host(*, host: str | None = None) -> list[int]:
-    """Fail running tasks whose supervision is gone, so nothing stays ``running`` forever.
+    """Fail running tasks whose supervision is gone, so nothing stays ``running`` forever (exports
+    too: :func:`tasks.exports.reconcile_exports`).
 
     On this host a task is lost when its runner (the worker process) is gone or silent for
     ``FINETUNE_LOST_AFTER_SECONDS``; a swift group it left behind (same pid *and* start time, so a
@@ -252,26 +320,25 @@ def reconcile_host(*, host: str | None = None) -> list[int]:
     from tasks.services import finetuning_task_finish
 
     host = host or settings.FINETUNE_HOST
-    now = timezone.now()
-    stale_after = settings.FINETUNE_LOST_AFTER_SECONDS
     failed: list[int] = []
     for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
-        silent_for = (now - task.heartbeat_at).total_seconds() if task.heartbeat_at else float("inf")
-        if task.host == host:
-            runner_alive = bool(task.runner_pid) and psutil.pid_exists(task.runner_pid) and (
-                task.runner_pid != os.getpid()
-            )
-            if runner_alive and silent_for < stale_after:
-                continue
-            if process_matches(task.pid, task.process_started):
-                stop_group(task.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+        lost = supervision_lost(
+            holder_host=task.host, runner_pid=task.runner_pid, heartbeat_at=task.heartbeat_at, pid=task.pid,
+            process_started=task.process_started, this_host=host, stale_after=settings.FINETUNE_LOST_AFTER_SECONDS,
+        )
+        if lost is None:
+            continue
+        here, silent_for = lost
+        if here:
             reason = ("The worker supervising this task stopped (worker crash or restart); its swift "
                       "process was stopped. Resume from the last checkpoint or start the task again.")
-        elif silent_for > 3 * stale_after:
+        else:
             reason = (f"Host {task.host or '?'} stopped reporting for {int(silent_for)} s (host down or its "
                       "worker stopped); the task is considered lost.")
-        else:
-            continue
         if finetuning_task_finish(task=task, status=TaskStatus.FAILED, exit_code=None, error=reason):
             failed.append(task.pk)
+    try:
+        reconcile_exports(host=host)
+    except Exception:  # noqa: BLE001 - exports must never stop the reconciliation of training tasks
+        logger.exception("reconciling exports failed")
     return failed

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.db.models import QuerySet
@@ -13,7 +15,16 @@ from django.utils.translation import gettext as _
 
 from gpus.models import Host
 from gpus.placement import UNKNOWN, GpuSlot, Request, TimedHost, earliest_start, occupy
-from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskStatus
+from tasks.models import (
+    Dataset,
+    FinetuningTask,
+    TaskEvent,
+    TaskExport,
+    TaskLogLine,
+    TaskMetric,
+    TaskStatus,
+)
+from tasks.paths import folder_size, is_within
 
 
 def finetuning_task_list(*, user: Any) -> QuerySet[FinetuningTask]:
@@ -89,18 +100,9 @@ def task_events_after(*, task: FinetuningTask | int, after_id: int = 0) -> list[
 
 
 def task_checkpoints(*, task: FinetuningTask) -> list[str]:
-    """The checkpoint folders under the task's output folder, oldest first (as seen from this host)."""
-    import re
-    from pathlib import Path
-
-    if not task.output_path:
-        return []
-    output = Path(task.output_path)
-    try:
-        found = [p for p in output.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    except OSError:
-        return []
-    return [str(p) for p in sorted(found, key=lambda p: int(p.name.split("-")[1]))]
+    """The checkpoint folders of every run of the task, by step (oldest save last among equal
+    steps), as seen from this host. See :func:`task_checkpoint_list` for details."""
+    return [c.path for c in task_checkpoint_list(task=task)]
 
 
 # --- the queue ---------------------------------------------------------------------------------
@@ -177,3 +179,90 @@ def queue_entries(*, user: Any) -> list[QueueEntry]:
         entries.append(QueueEntry(position=position, task=task, visible=visible, request=request,
                                   estimated_start=start, note=note))
     return entries
+
+
+# --- checkpoints and exports (issue 5) -------------------------------------------------------------
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+_RUN_FOLDER = re.compile(r"v\d+-\d{8}-\d{6}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder of one of the task's runs."""
+
+    path: str  #: absolute
+    name: str  #: checkpoint-N
+    step: int
+    run: str  #: "" for the first run (the output folder), else the resumed run's folder (v0-…)
+    saved_at: datetime
+    size_bytes: int
+
+
+def run_folders(output: Path) -> list[Path]:
+    """The folders swift created under the output folder for resumed runs (``v<N>-<date>-<time>``),
+    in creation order (by N)."""
+    try:
+        found = [p for p in output.iterdir() if _RUN_FOLDER.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: int(p.name[1:].split("-")[0]))
+
+
+def task_checkpoint_list(*, task: FinetuningTask) -> list[Checkpoint]:
+    """Every checkpoint of every run of the task, ordered by step, then by the time it was saved.
+
+    The first run writes into the output folder; each resumed run writes into a versioned folder
+    swift creates under it (``output/v0-…/checkpoint-N``). Symlinks (``last-checkpoint``), merged
+    exports (``checkpoint-N-merged``) and anything that resolves outside the output folder are left out.
+    """
+    if not task.output_path:
+        return []
+    output = Path(task.output_path)
+    found: list[Checkpoint] = []
+    for folder in [output, *run_folders(output)]:
+        try:
+            children = list(folder.iterdir())
+        except OSError:
+            continue
+        for child in children:
+            match = _CHECKPOINT_NAME.fullmatch(child.name)
+            if not match or child.is_symlink() or not child.is_dir() or not is_within(child, output):
+                continue
+            state = child / "trainer_state.json"
+            try:
+                mtime = (state if state.is_file() else child).stat().st_mtime
+            except OSError:
+                continue
+            found.append(Checkpoint(
+                path=str(child.resolve()), name=child.name, step=int(match.group(1)),
+                run="" if folder == output else folder.name,
+                saved_at=datetime.fromtimestamp(mtime, tz=UTC), size_bytes=folder_size(child),
+            ))
+    return sorted(found, key=lambda c: (c.step, c.saved_at, c.path))
+
+
+def task_checkpoint_default(*, task: FinetuningTask, checkpoints: list[Checkpoint] | None = None) -> Checkpoint | None:
+    """The checkpoint used when none is named: the task's last checkpoint (the newest save of the
+    current line of runs) if it is still on disk, else the one with the highest step."""
+    checkpoints = task_checkpoint_list(task=task) if checkpoints is None else checkpoints
+    if not checkpoints:
+        return None
+    if task.last_checkpoint:
+        try:
+            last = str(Path(task.last_checkpoint).resolve())
+        except (OSError, RuntimeError):
+            last = ""
+        for checkpoint in checkpoints:
+            if checkpoint.path == last:
+                return checkpoint
+    return checkpoints[-1]
+
+
+def task_export_list(*, task: FinetuningTask) -> QuerySet[TaskExport]:
+    return TaskExport.objects.filter(task=task).order_by("-created_at", "-id")
+
+
+def task_export_get(*, user: Any, pk: Any) -> TaskExport:
+    """The user's export (of a task they can see) or 404."""
+    visible = finetuning_task_list(user=user)
+    return get_object_or_404(TaskExport.objects.for_user(user).filter(task__in=visible).select_related("task"), pk=pk)

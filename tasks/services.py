@@ -12,8 +12,10 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from finetune_platform.errors import ServiceValidationError
 from gpus.estimate import estimate_memory_gb
@@ -23,10 +25,15 @@ from gpus.services import reservations_release
 from tasks.command import normalize_gpu_config, validate_dataset_specs
 from tasks.dataset_formats import DatasetFormat, DatasetValidationError, validate_dataset_file
 from tasks.models import (
+    ACTIVE_EXPORT_STATUSES,
     PREFERENCE_TASK_TYPES,
+    RESUMABLE_STATUSES,
     Dataset,
     EventKind,
+    ExportStatus,
     FinetuningTask,
+    TaskExport,
+    TaskMetric,
     TaskStatus,
     TaskType,
     TrainType,
@@ -34,7 +41,8 @@ from tasks.models import (
 from tasks.paths import PathError, datasets_dir, is_within, resolve_model, task_dir
 from tasks.presets import PresetError, get_preset
 from tasks.publisher import publish_event
-from tasks.scheduler import dispatch_on_commit
+from tasks.scheduler import dispatch_on_commit, worker_queue
+from tasks.selectors import Checkpoint, task_checkpoint_default, task_checkpoint_list
 from tasks.training_args import TrainingArgsError, validate_training_args
 
 logger = logging.getLogger(__name__)
@@ -53,11 +61,13 @@ def _check_datasets_fit(owner_id: int, task_type: str, specs: list[Any]) -> None
                    .values_list("pk", "format"))
     for pk, fmt in formats.items():
         if task_type in PREFERENCE_TASK_TYPES and fmt != DatasetFormat.PREFERENCE:
-            raise ServiceValidationError({"datasets": f"dataset {pk} is in '{fmt}' format, but {task_type} "
-                                          "needs preference rows with a rejected_response"})
+            raise ServiceValidationError({"datasets": _("dataset %(pk)s is in '%(fmt)s' format, but %(task_type)s "
+                                                        "needs preference rows with a rejected_response")
+                                          % {"pk": pk, "fmt": fmt, "task_type": task_type}})
         if task_type == TaskType.SFT and fmt == DatasetFormat.TEXT:
-            raise ServiceValidationError({"datasets": f"dataset {pk} is plain text: use task_type 'pt' "
-                                          "(continued pre-training) for it, or upload conversations"})
+            raise ServiceValidationError({"datasets": _("dataset %(pk)s is plain text: use task_type 'pt' "
+                                                        "(continued pre-training) for it, or upload conversations")
+                                          % {"pk": pk}})
 
 
 def finetuning_task_create(
@@ -74,20 +84,23 @@ def finetuning_task_create(
     priority: int = 5,
     output_name: str = "",
     preset: str = "",
+    auto_export: bool = False,
 ) -> FinetuningTask:
-    """Validate a task, store it as ``pending`` and dispatch. Raises ServiceValidationError."""
+    """Validate a task, store it as ``pending`` and dispatch. Raises ServiceValidationError.
+
+    ``auto_export``: when the task completes, merge its last checkpoint (LoRA/QLoRA only)."""
     errors: dict[str, Any] = {}
     name = (name or "").strip()
     if not name:
-        errors["name"] = "give the task a name"
+        errors["name"] = _("give the task a name")
     elif len(name) > 200:
-        errors["name"] = "at most 200 characters"
+        errors["name"] = _("at most 200 characters")
     if task_type not in TaskType.values:
-        errors["task_type"] = f"must be one of: {', '.join(TaskType.values)}"
+        errors["task_type"] = _("must be one of: %(choices)s") % {"choices": ", ".join(TaskType.values)}
     if train_type not in TrainType.values:
-        errors["train_type"] = f"must be one of: {', '.join(TrainType.values)}"
+        errors["train_type"] = _("must be one of: %(choices)s") % {"choices": ", ".join(TrainType.values)}
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
-        errors["priority"] = "must be a whole number from 0 to 10 (larger runs first)"
+        errors["priority"] = _("must be a whole number from 0 to 10 (larger runs first)")
     model = None
     try:
         model = resolve_model(base_model)
@@ -110,7 +123,12 @@ def finetuning_task_create(
         errors["gpu_config"] = str(exc)
     output_name = (output_name or "").strip()
     if len(output_name) > 200:
-        errors["output_name"] = "at most 200 characters"
+        errors["output_name"] = _("at most 200 characters")
+    if not isinstance(auto_export, bool):
+        errors["auto_export"] = _("must be true or false")
+    elif auto_export and train_type == TrainType.FULL:
+        errors["auto_export"] = _("a full fine-tune needs no export: its checkpoints are complete models "
+                                  "(export merges LoRA/QLoRA adapters)")
     if errors:
         raise ServiceValidationError(errors)
     _check_datasets_fit(owner.pk, task_type, clean_datasets)
@@ -119,14 +137,15 @@ def finetuning_task_create(
                                   train_type=train_type, training_args=args)
     reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot(everything=True))
     if reason:
-        raise ServiceValidationError({"gpu_config": f"this request can never run here: {reason}"})
+        raise ServiceValidationError({"gpu_config": _("this request can never run here: %(reason)s")
+                                      % {"reason": reason}})
     with transaction.atomic():
         task = FinetuningTask.objects.create(
             owner=owner, name=name, description=description or "", task_type=task_type, train_type=train_type,
             priority=priority, base_model=base_model.strip(), model_source=model.source,
             model_path=model.argument, datasets=clean_datasets, training_args=args, gpu_config=gpu,
             memory_estimate_gb=estimate,
-            output_name=output_name, preset=preset,
+            output_name=output_name, preset=preset, auto_export=auto_export,
         )
         folder = task_dir(owner.pk, task.pk)
         task.output_path = str(folder / "output")
@@ -146,6 +165,7 @@ def finetuning_task_create_from_preset(
     output_name: str = "",
     gpu_config: Any = None,
     priority: int = 5,
+    auto_export: bool = False,
 ) -> FinetuningTask:
     """Create a task from a preset: only the preset name is required."""
     try:
@@ -157,7 +177,7 @@ def finetuning_task_create_from_preset(
         task_type=spec.task_type, train_type=spec.train_type, base_model=spec.base_model,
         datasets=list(spec.datasets), training_args=dict(spec.training_args),
         gpu_config=gpu_config if gpu_config is not None else dict(spec.gpu_config),
-        priority=priority, output_name=output_name, preset=spec.name,
+        priority=priority, output_name=output_name, preset=spec.name, auto_export=auto_export,
     )
 
 
@@ -211,20 +231,33 @@ def finetuning_task_finish(*, task: FinetuningTask, status: str, exit_code: int 
         publish_event(row, _FINAL_EVENT.get(status, status), message, exit_code=exit_code)
     if row.delete_requested_at is not None:
         finetuning_task_purge(task=row)
+    elif changed and status == TaskStatus.COMPLETED and row.auto_export and row.can_export:
+        _auto_export(task=row)
     dispatch_on_commit()
     return bool(changed)
+
+
+def _auto_export(*, task: FinetuningTask) -> None:
+    """Queue the export a task asked for at creation; a refusal is an event, never a failed finish."""
+    try:
+        task_export_create(task=task)
+    except ServiceValidationError as exc:
+        publish_event(task, EventKind.EXPORT_FAILED, f"The automatic export was not started: {exc}")
+    except Exception:  # noqa: BLE001 - the task did complete; an export problem must not undo that
+        logger.exception("automatic export of task %s could not be queued", task.pk)
+        publish_event(task, EventKind.EXPORT_FAILED, "The automatic export could not be queued (see the server log).")
 
 
 def finetuning_task_set_priority(*, task: FinetuningTask, priority: Any) -> FinetuningTask:
     """Change a task's priority (0-10, larger first). Only a task that has not started yet moves in
     the queue; the queue is dispatched at once."""
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
-        raise ServiceValidationError({"priority": "must be a whole number from 0 to 10 (larger runs first)"})
+        raise ServiceValidationError({"priority": _("must be a whole number from 0 to 10 (larger runs first)")})
     changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING).update(priority=priority)
     task.refresh_from_db()
     if not changed:
-        raise ServiceValidationError({"priority": f"the task is {task.status}; only a waiting task's priority "
-                                      "can change"})
+        raise ServiceValidationError({"priority": _("the task is %(status)s; only a waiting task's priority "
+                                                    "can change") % {"status": task.status}})
     publish_event(task, EventKind.PRIORITY, f"Priority set to {priority}", priority=priority)
     dispatch_on_commit()
     return task
@@ -247,7 +280,8 @@ def finetuning_task_hold(*, task: FinetuningTask) -> FinetuningTask:
     if not (held or unqueued):
         if task.held:
             return task
-        raise ServiceValidationError({"held": f"the task is {task.status}; only a waiting task can be held"})
+        raise ServiceValidationError({"held": _("the task is %(status)s; only a waiting task can be held")
+                                      % {"status": task.status}})
     publish_event(task, EventKind.HELD, "Held: keeps its place in the queue but does not start")
     if unqueued:
         dispatch_on_commit()
@@ -271,18 +305,226 @@ def finetuning_task_delete(*, task: FinetuningTask) -> None:
     now = timezone.now()
     FinetuningTask.objects.filter(pk=task.pk, delete_requested_at__isnull=True).update(delete_requested_at=now)
     finetuning_task_stop(task=task)
+    for export in TaskExport.objects.filter(task=task, status__in=ACTIVE_EXPORT_STATUSES):
+        task_export_stop(export=export)
     row = FinetuningTask.objects.filter(pk=task.pk).first()
     if row is not None and row.status != TaskStatus.RUNNING:
         finetuning_task_purge(task=row)
 
 
 def finetuning_task_purge(*, task: FinetuningTask) -> None:
-    """Remove a finished task's log file, scratch files and database records (not its output)."""
+    """Remove a finished task's log file, scratch files and database records (not its output,
+    checkpoints or merged exports)."""
     folder = Path(task.log_file_path).parent if task.log_file_path else None
     if folder is not None and is_within(folder, settings.WORKSPACES_DIR):
         Path(task.log_file_path).unlink(missing_ok=True)
         shutil.rmtree(folder / "cache", ignore_errors=True)
+        shutil.rmtree(folder / "exports", ignore_errors=True)  # export logs and caches; merged models stay
     FinetuningTask.objects.filter(pk=task.pk).delete()
+
+
+# --- checkpoints: resume and export ------------------------------------------------------------
+def _checkpoint_for(task: FinetuningTask, value: Any, *, checkpoints: list[Checkpoint] | None = None) -> Checkpoint:
+    """The checkpoint a request names: a step (``8``, ``"8"``), a folder inside the task's output
+    folder (absolute, or relative to it: ``"checkpoint-8"``, ``"v0-…/checkpoint-12"``), or ``None``
+    for the task's last checkpoint. Anything else is a 400 that names ``checkpoint``."""
+    checkpoints = task_checkpoint_list(task=task) if checkpoints is None else checkpoints
+    if not checkpoints:
+        raise ServiceValidationError({"checkpoint": _("the task has no checkpoint yet (swift saves one every "
+                                                      "save_steps steps and at the end of training)")})
+    if value is None or value == "":
+        found = task_checkpoint_default(task=task, checkpoints=checkpoints)
+        assert found is not None
+        return found
+    steps = ", ".join(str(s) for s in sorted({c.step for c in checkpoints}))
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ServiceValidationError({"checkpoint": _("give a step number or a checkpoint folder of this task")})
+    if isinstance(value, int) or value.strip().isdigit():
+        step = int(value)
+        matching = [c for c in checkpoints if c.step == step]
+        if not matching:
+            raise ServiceValidationError({"checkpoint": _("the task has no checkpoint at step %(step)s "
+                                                          "(it has steps %(steps)s)") % {"step": step, "steps": steps}})
+        return matching[-1]  # the newest save of that step (a resumed run may have saved it again)
+    text = value.strip()
+    output = Path(task.output_path)
+    if "\x00" in text or any(ord(ch) < 32 for ch in text):
+        raise ServiceValidationError({"checkpoint": _("contains control characters")})
+    candidate = Path(text) if Path(text).is_absolute() else output / text
+    if not is_within(candidate, output):
+        raise ServiceValidationError({"checkpoint": _("%(path)s is not inside this task's output folder; "
+                                                      "name one of its checkpoints (steps %(steps)s)")
+                                      % {"path": repr(text), "steps": steps}})
+    resolved = str(candidate.resolve())
+    for checkpoint in checkpoints:
+        if checkpoint.path == resolved:
+            return checkpoint
+    raise ServiceValidationError({"checkpoint": _("%(path)s is not a checkpoint of this task (it has steps %(steps)s)")
+                                  % {"path": repr(text), "steps": steps}})
+
+
+def finetuning_task_resume(*, task: FinetuningTask, checkpoint: Any = None) -> FinetuningTask:
+    """Start a new run of a stopped or failed task from one of its checkpoints (default: the last).
+
+    One conditional update moves it ``stopped/failed → pending`` with the checkpoint, the next run
+    number and cleared stop/finish/error fields; in the same transaction the metric points after
+    the checkpoint's step are deleted (those steps are trained again, and the new run's
+    ``logging.jsonl`` reports them from step N+1). The scheduler then starts it like any task; the
+    runner passes ``--resume_from_checkpoint``. Log lines keep their increasing sequence numbers.
+    """
+    task.refresh_from_db()
+    if task.status not in RESUMABLE_STATUSES:
+        raise ServiceValidationError({"status": _("the task is %(status)s; only a stopped or failed task can be "
+                                                  "resumed") % {"status": task.status}})
+    found = _checkpoint_for(task, checkpoint)
+    if not (Path(found.path) / "trainer_state.json").is_file():
+        raise ServiceValidationError({"checkpoint": _("%(name)s is incomplete (it has no trainer_state.json, "
+                                                      "so training cannot continue from it); choose another "
+                                                      "checkpoint") % {"name": found.name}})
+    last_point = (TaskMetric.objects.filter(task=task, kind="train", step__lte=found.step)
+                  .order_by("-step").first())
+    progress = round(min(100.0, 100.0 * found.step / task.max_steps), 2) if task.max_steps else 0.0
+    with transaction.atomic():
+        changed = FinetuningTask.objects.filter(
+            pk=task.pk, status__in=RESUMABLE_STATUSES, delete_requested_at__isnull=True
+        ).update(
+            status=TaskStatus.PENDING, run_number=F("run_number") + 1, resume_from=found.path, run_dir="",
+            last_checkpoint=found.path, current_step=found.step, progress=progress, eta_seconds=None,
+            loss=last_point.loss if last_point else None,
+            learning_rate=last_point.learning_rate if last_point else None,
+            epoch=last_point.epoch if last_point else None,
+            held=False, host="", master_port=None, queued_at=None, started_at=None, finished_at=None,
+            stop_requested_at=None, exit_code=None, error_message="", metrics={}, pid=None,
+            process_started=None, runner_pid=None, heartbeat_at=None,
+        )
+        if not changed:
+            task.refresh_from_db()
+            raise ServiceValidationError({"status": _("the task is %(status)s; only a stopped or failed task can be "
+                                                      "resumed") % {"status": task.status}})
+        TaskMetric.objects.filter(task=task, step__gt=found.step).delete()
+        task.refresh_from_db()
+        where = f" ({found.run})" if found.run else ""
+        publish_event(task, EventKind.RESUMED, f"Resumed from {found.name}{where}; run {task.run_number}",
+                      checkpoint=found.path, step=found.step, run=task.run_number)
+        dispatch_on_commit()
+    return task
+
+
+def _export_host(task: FinetuningTask) -> str:
+    """The host whose worker runs an export: the task's own host when it is live (its disk holds
+    the checkpoint warm), else any live host (outputs live on the shared data folder)."""
+    from gpus.models import Host
+
+    live = Host.objects.live()
+    if task.host and live.filter(name=task.host, enabled=True).exists():
+        return task.host
+    name = (live.filter(enabled=True).order_by("name").values_list("name", flat=True).first()
+            or live.order_by("name").values_list("name", flat=True).first())
+    if not name:
+        raise ServiceValidationError({"host": _("no worker host is online to run the export; try again when one is")})
+    return name
+
+
+def task_export_create(*, task: FinetuningTask, checkpoint: Any = None) -> TaskExport:
+    """Queue ``swift export --merge_lora`` of one of a LoRA/QLoRA task's checkpoints (default: its
+    last). The merged model goes to ``<checkpoint>-merged`` (a folder the server chooses, next to
+    the checkpoint); the job runs on a live host's queue (no GPU is reserved: merging runs on the CPU).
+
+    Refused with a 400 naming the field: a full fine-tune (``train_type``: nothing to merge), an
+    unknown checkpoint, one already being exported, or one exported already (``checkpoint``).
+    """
+    if task.train_type == TrainType.FULL:
+        raise ServiceValidationError({"train_type": _("this is a full fine-tune: its checkpoints are complete "
+                                                      "models already, there are no LoRA adapters to merge")})
+    if task.delete_requested_at is not None:
+        raise ServiceValidationError({"task": _("the task is being deleted")})
+    found = _checkpoint_for(task, checkpoint)
+    if not (Path(found.path) / "trainer_state.json").is_file():
+        # The trainer writes trainer_state.json last: without it the folder is still being written
+        # (or a save was interrupted).
+        raise ServiceValidationError({"checkpoint": _("%(name)s is incomplete (no trainer_state.json yet); "
+                                                      "choose another checkpoint or wait for the save to finish")
+                                      % {"name": found.name}})
+    if not (Path(found.path) / "adapter_config.json").is_file():
+        raise ServiceValidationError({"checkpoint": _("%(name)s holds no LoRA adapters (adapter_config.json "
+                                                      "is missing), so there is nothing to merge")
+                                      % {"name": found.name}})
+    active = TaskExport.objects.filter(task=task, checkpoint=found.path, status__in=ACTIVE_EXPORT_STATUSES).first()
+    if active is not None:
+        raise ServiceValidationError({"checkpoint": _("%(name)s is being exported already (export %(export)s)")
+                                      % {"name": found.name, "export": active.pk}})
+    done = (TaskExport.objects.filter(task=task, checkpoint=found.path, status=ExportStatus.COMPLETED)
+            .order_by("-pk").first())
+    if done is not None and Path(done.output_path).is_dir():
+        raise ServiceValidationError({"checkpoint": _("%(name)s is exported already (export %(export)s): "
+                                                      "%(path)s")
+                                      % {"name": found.name, "export": done.pk, "path": done.output_path}})
+    host = _export_host(task)
+    try:
+        with transaction.atomic():
+            export = TaskExport.objects.create(
+                task=task, checkpoint=found.path, step=found.step, output_path=f"{found.path}-merged", host=host,
+            )
+            export.log_file_path = str(task.workdir / "exports" / str(export.pk) / "export.log")
+            export.save(update_fields=["log_file_path"])
+            publish_event(task, EventKind.EXPORT_QUEUED, f"Export of {found.name} queued: merging the LoRA "
+                          "adapters into the base model", export=export.pk, checkpoint=found.path)
+            transaction.on_commit(lambda: _enqueue_export(export.pk, host))
+    except IntegrityError:  # a concurrent request queued the same checkpoint first
+        raise ServiceValidationError({"checkpoint": _("%(name)s is being exported already")
+                                      % {"name": found.name}}) from None
+    return export
+
+
+def _enqueue_export(export_id: int, host: str) -> None:
+    from django_q.tasks import async_task
+
+    async_task("tasks.jobs.run_export", export_id, task_name=f"export-{export_id}", ack_failure=True,
+               cluster=worker_queue(host))
+
+
+def task_export_stop(*, export: TaskExport) -> TaskExport:
+    """Stop an export; idempotent. A pending export fails at once; a running one's runner is asked
+    to stop its process group (and removes the partial folder)."""
+    now = timezone.now()
+    if TaskExport.objects.filter(pk=export.pk, status=ExportStatus.PENDING).update(
+        status=ExportStatus.FAILED, stop_requested_at=now, finished_at=now, error_message="Stopped before it started."
+    ):
+        export.refresh_from_db()
+        publish_event(export.task, EventKind.EXPORT_FAILED, f"Export of {export.checkpoint_name} stopped before it "
+                      "started", export=export.pk)
+        return export
+    TaskExport.objects.filter(pk=export.pk, status=ExportStatus.RUNNING, stop_requested_at__isnull=True).update(
+        stop_requested_at=now
+    )
+    export.refresh_from_db()
+    return export
+
+
+def task_export_finish(*, export: TaskExport, status: str, exit_code: int | None, error: str = "",
+                       size_bytes: int | None = None) -> bool:
+    """Move an export to ``completed`` or ``failed`` (the export runner and the reconciler use this;
+    only a running export completes) and put it on the task's timeline. Returns False if it had
+    ended already."""
+    now = timezone.now()
+    fields: dict[str, Any] = {"status": status, "finished_at": now, "exit_code": exit_code}
+    allowed = [ExportStatus.RUNNING] if status == ExportStatus.COMPLETED else list(ACTIVE_EXPORT_STATUSES)
+    if error:
+        fields["error_message"] = error
+    if size_bytes is not None:
+        fields["size_bytes"] = size_bytes
+    changed = TaskExport.objects.filter(pk=export.pk, status__in=allowed).update(**fields)
+    row = TaskExport.objects.filter(pk=export.pk).select_related("task").first()
+    if not changed or row is None:
+        return False
+    if status == ExportStatus.COMPLETED:
+        publish_event(row.task, EventKind.EXPORTED, f"Exported {row.checkpoint_name}: merged model in "
+                      f"{Path(row.output_path).name}", export=row.pk, output_path=row.output_path)
+    else:
+        first = (error.splitlines() or ["failed"])[0]
+        publish_event(row.task, EventKind.EXPORT_FAILED, f"Export of {row.checkpoint_name} failed: {first}",
+                      export=row.pk)
+    return True
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -297,14 +539,15 @@ def dataset_create(
     original = Path(upload.name or "dataset.jsonl").name
     suffix = Path(original).suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
-        raise ServiceValidationError({"file": f"unsupported file type '{suffix or original}': "
-                                      "upload .jsonl, .json or .csv"})
+        raise ServiceValidationError({"file": _("unsupported file type '%(suffix)s': upload .jsonl, .json or .csv")
+                                      % {"suffix": suffix or original}})
     limit = settings.FINETUNE_MAX_DATASET_MB * 1024 * 1024
     if upload.size is not None and upload.size > limit:
-        raise ServiceValidationError({"file": f"the file is larger than {settings.FINETUNE_MAX_DATASET_MB} MB"})
+        raise ServiceValidationError({"file": _("the file is larger than %(mb)s MB")
+                                      % {"mb": settings.FINETUNE_MAX_DATASET_MB}})
     name = (name or "").strip() or Path(original).stem
     if len(name) > 200:
-        raise ServiceValidationError({"name": "at most 200 characters"})
+        raise ServiceValidationError({"name": _("at most 200 characters")})
     folder = datasets_dir(owner.pk)
     folder.mkdir(parents=True, exist_ok=True)
     stem = _SAFE_NAME.sub("_", Path(original).stem)[:80] or "dataset"

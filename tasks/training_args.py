@@ -190,12 +190,17 @@ def _check_value(key: str, spec: ArgSpec, value: Any) -> Any:
     raise AssertionError(f"unknown spec kind {spec.kind}")
 
 
-def validate_training_args(raw: Any) -> dict[str, Any]:
-    """Validate and normalise user training arguments; raises :class:`TrainingArgsError`."""
+def validate_args(
+    raw: Any, *, catalogue: Mapping[str, ArgSpec], reserved: Mapping[str, str], field: str,
+    kind: str = "training", aliases: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Validate user arguments against an allow-list (``catalogue``); raises
+    :class:`TrainingArgsError` mapping each bad key to the reason. ``reserved`` flags are the
+    platform's own (naming one says why); ``None`` values are dropped."""
     if raw in (None, ""):
         return {}
     if not isinstance(raw, Mapping):
-        raise TrainingArgsError({"training_args": "must be an object of argument names to values"})
+        raise TrainingArgsError({field: "must be an object of argument names to values"})
     errors: dict[str, str] = {}
     clean: dict[str, Any] = {}
     for raw_key, value in raw.items():
@@ -204,13 +209,13 @@ def validate_training_args(raw: Any) -> dict[str, Any]:
         if key != name:
             errors[key] = f"write argument names without dashes (use {name!r})"
             continue
-        if name in RESERVED_ARGS:
-            errors[key] = f"cannot be set: {RESERVED_ARGS[name]}"
+        if name in reserved:
+            errors[key] = f"cannot be set: {reserved[name]}"
             continue
-        canonical = _ALIASES.get(name, name)
-        spec = TRAINING_ARGS.get(canonical)
+        canonical = (aliases or {}).get(name, name)
+        spec = catalogue.get(canonical)
         if spec is None:
-            errors[key] = "is not an allowed training argument"
+            errors[key] = f"is not an allowed {kind} argument"
             continue
         if value is None:
             continue
@@ -226,6 +231,12 @@ def validate_training_args(raw: Any) -> dict[str, Any]:
     return clean
 
 
+def validate_training_args(raw: Any) -> dict[str, Any]:
+    """Validate and normalise user training arguments; raises :class:`TrainingArgsError`."""
+    return validate_args(raw, catalogue=TRAINING_ARGS, reserved=RESERVED_ARGS, field="training_args",
+                         aliases=_ALIASES)
+
+
 def _render(value: Any) -> list[str]:
     if isinstance(value, bool):
         return ["true" if value else "false"]
@@ -236,10 +247,10 @@ def _render(value: Any) -> list[str]:
     return [str(value)]
 
 
-def training_args_to_argv(args: Mapping[str, Any]) -> list[str]:
+def args_to_argv(args: Mapping[str, Any], catalogue: Mapping[str, ArgSpec]) -> list[str]:
     """Render validated arguments as ``--flag value`` pairs, in allow-list order."""
     argv: list[str] = []
-    for key, spec in TRAINING_ARGS.items():
+    for key, spec in catalogue.items():
         if key not in args:
             continue
         values = _render(args[key])
@@ -249,6 +260,10 @@ def training_args_to_argv(args: Mapping[str, Any]) -> list[str]:
         argv.append(f"--{spec.flag or key}")
         argv.extend(values)
     return argv
+
+
+def training_args_to_argv(args: Mapping[str, Any]) -> list[str]:
+    return args_to_argv(args, TRAINING_ARGS)
 
 
 def training_args_catalogue() -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""Pages of the portal (issue #4). ``/gpus/``, ``/queue/`` and ``/deployments/`` are placeholders
-until the GPU scheduler and deployments replace them."""
+"""Pages of the portal (issue #4). The GPUs and queue pages live in ``gpus.urls``, the deployment
+pages in ``deployments.urls``."""
 
 from django.urls import path
 
@@ -11,11 +11,10 @@ urlpatterns = [
     path("tasks/new/", views.task_create, name="task_new"),
     path("tasks/<int:pk>/", views.task_detail, name="task_detail"),
     path("tasks/<int:pk>/stop/", views.task_stop, name="task_stop"),
+    path("tasks/<int:pk>/resume/", views.task_resume, name="task_resume"),
+    path("tasks/<int:pk>/export/", views.task_export, name="task_export"),
     path("tasks/<int:pk>/delete/", views.task_delete, name="task_delete"),
     path("datasets/", views.dataset_list, name="dataset_list"),
     path("datasets/new/", views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/delete/", views.dataset_delete, name="dataset_delete"),
-    path("gpus/", views.gpu_list, name="gpus"),
-    path("queue/", views.queue, name="queue"),
-    path("deployments/", views.deployment_list, name="deployments"),
 ]

@@ -20,7 +20,7 @@ from finetune_platform.errors import ServiceValidationError
 from tasks import selectors, services
 from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
-from tasks.models import EventKind, TaskStatus, TaskType
+from tasks.models import EventKind, ExportStatus, TaskStatus, TaskType
 from tasks.presets import Preset, all_presets
 
 PAGE_SIZE = 20
@@ -49,6 +49,9 @@ def _live_labels() -> dict[str, Any]:
         "learningRate": _("Learning rate"),
         "step": _("Step"),
         "newTasks": _("There are new tasks."),
+        "exportStatus": {value: str(label) for value, label in ExportStatus.choices},
+        "download": _("Download (zip)"),
+        "log": _("Log"),
         # The same formats as tasks/templatetags/task_format.py uses.
         "durations": {
             "dh": _("%(d)dd %(h)02dh"),
@@ -188,7 +191,8 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context = {
         "task": task,
         "events": list(selectors.task_events(task=task)),
-        "checkpoints": selectors.task_checkpoints(task=task),
+        "checkpoints": selectors.task_checkpoint_list(task=task),
+        "exports": list(selectors.task_export_list(task=task)),
         "tail_after": tail_after,
         "live_labels": _live_labels(),
         "initial_state": task_state(task),
@@ -210,6 +214,36 @@ def task_stop(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.success(request, _("“%(name)s” is stopped.") % {"name": task.name})
     return redirect("task_detail", pk=task.pk)
+
+
+@login_required
+@require_POST
+def task_resume(request: HttpRequest, pk: int) -> HttpResponse:
+    """Resume a stopped or failed task from the checkpoint chosen on the page (default: the last)."""
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    try:
+        task = services.finetuning_task_resume(task=task, checkpoint=request.POST.get("checkpoint") or None)
+    except ServiceValidationError as exc:
+        messages.error(request, _("“%(name)s” cannot be resumed: %(reason)s") % {"name": task.name, "reason": exc})
+    else:
+        messages.success(request, _("“%(name)s” is back in the queue: run %(run)s resumes from %(checkpoint)s.")
+                         % {"name": task.name, "run": task.run_number, "checkpoint": task.last_checkpoint})
+    return redirect("task_detail", pk=task.pk)
+
+
+@login_required
+@require_POST
+def task_export(request: HttpRequest, pk: int) -> HttpResponse:
+    """Queue a merge of a checkpoint's LoRA adapters into a full model (default: the last checkpoint)."""
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    try:
+        export = services.task_export_create(task=task, checkpoint=request.POST.get("checkpoint") or None)
+    except ServiceValidationError as exc:
+        messages.error(request, _("The export was not started: %(reason)s") % {"reason": exc})
+    else:
+        messages.success(request, _("Export of %(checkpoint)s queued; the merged model will be in %(path)s.")
+                         % {"checkpoint": export.checkpoint_name, "path": export.output_path})
+    return redirect(reverse("task_detail", args=[task.pk]) + "#exports")
 
 
 @login_required
@@ -262,23 +296,3 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     services.dataset_delete(dataset=dataset)
     messages.success(request, _("Dataset “%(name)s” was deleted.") % {"name": dataset.name})
     return redirect("dataset_list")
-
-
-# --- pages that arrive with later issues -----------------------------------------------------------
-def _placeholder(request: HttpRequest, title: str, message: str) -> HttpResponse:
-    return render(request, "tasks/placeholder.html", {"title": title, "message": message})
-
-
-@login_required
-def gpu_list(request: HttpRequest) -> HttpResponse:
-    return _placeholder(request, _("GPUs"), _("The GPU overview is coming with the GPU scheduler."))
-
-
-@login_required
-def queue(request: HttpRequest) -> HttpResponse:
-    return _placeholder(request, _("Queue"), _("The queue view is coming with the GPU scheduler."))
-
-
-@login_required
-def deployment_list(request: HttpRequest) -> HttpResponse:
-    return _placeholder(request, _("Deployments"), _("Model deployments are coming with deployments."))

@@ -172,6 +172,22 @@ def stop_server(proc: subprocess.Popen[bytes], *, timeout: float) -> None:
         proc.wait(timeout=10)
 
 
+def wait_for_server_sessions_to_close(timeout: float = 10.0) -> None:
+    """PostgreSQL ends a killed client's session a moment after the process is gone; wait for that,
+    so dropping the test database at the end of the run does not find "other users" on it."""
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start ``manage.py worker`` (reconcile + django-q2 cluster) against the test database."""
@@ -196,3 +212,4 @@ def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., sub
     for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
         if process_matches(task.pid, task.process_started):
             stop_group(task.pid, grace=2)
+    wait_for_server_sessions_to_close()

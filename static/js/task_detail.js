@@ -38,6 +38,9 @@
     error.textContent = state.error_message || "";
     error.hidden = !state.error_message;
     root.querySelectorAll("[data-show-when-active]").forEach(function (node) { node.hidden = !state.is_active; });
+    // Resume: a stopped or failed task with a checkpoint (the server checks again).
+    const resumable = (state.status === "stopped" || state.status === "failed") && !!state.last_checkpoint;
+    root.querySelectorAll("[data-resume-form]").forEach(function (node) { node.hidden = !resumable; });
     root.dataset.status = state.status;
     tick();
   }
@@ -227,6 +230,89 @@
     });
   }
 
+  // --- exports (merged models): polled from the API while one is pending or running ---------------------
+  const exportsCard = root.querySelector("[data-exports-url]");
+  const exportNames = L.exportStatus || {};
+  let exportsTimer = null;
+
+  function exportField(li, name) { return li.querySelector('[data-export-field="' + name + '"]'); }
+
+  function renderExport(li, data) {
+    li.dataset.exportStatus = data.status;
+    const badge = exportField(li, "status");
+    badge.className = "badge badge-" + data.status;
+    badge.textContent = exportNames[data.status] || data.status;
+    exportField(li, "output").textContent = data.output_path;
+    const error = exportField(li, "error");
+    error.textContent = data.error_message || "";
+    error.hidden = !data.error_message;
+    const download = exportField(li, "download");
+    if (data.download_url) download.href = data.download_url;
+    download.hidden = !data.download_url;
+    exportField(li, "log").textContent = data.log || "";
+  }
+
+  function newExportItem(data) {
+    const li = document.createElement("li");
+    li.dataset.exportId = data.id;
+    const name = document.createElement("strong");
+    name.textContent = data.checkpoint_name;
+    const badge = document.createElement("span");
+    badge.dataset.exportField = "status";
+    const output = document.createElement("div");
+    const code = document.createElement("code");
+    code.className = "break";
+    code.dataset.exportField = "output";
+    output.appendChild(code);
+    const error = document.createElement("div");
+    error.className = "error-box";
+    error.dataset.exportField = "error";
+    const download = document.createElement("a");
+    download.className = "button secondary small";
+    download.dataset.exportField = "download";
+    download.setAttribute("download", "");
+    download.textContent = L.download || "Download (zip)";
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = L.log || "Log";
+    const pre = document.createElement("pre");
+    pre.className = "log small";
+    pre.dataset.exportField = "log";
+    details.append(summary, pre);
+    li.append(name, " ", badge, output, error, download, details);
+    return li;
+  }
+
+  function anyExportActive() {
+    return !!exportsCard && !!exportsCard.querySelector('[data-export-status="pending"], [data-export-status="running"]');
+  }
+
+  function refreshExports() {
+    if (!exportsCard) return;
+    fetch(exportsCard.dataset.exportsUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (response) { return response.ok ? response.json() : []; })
+      .then(function (items) {
+        const list = exportsCard.querySelector("[data-exports]");
+        items.slice().reverse().forEach(function (data) {
+          let li = list.querySelector('[data-export-id="' + data.id + '"]');
+          if (!li) {
+            li = newExportItem(data);
+            list.insertBefore(li, list.firstChild);
+          }
+          renderExport(li, data);
+        });
+        exportsCard.querySelector("[data-exports-empty]").hidden = items.length > 0;
+        scheduleExports();
+      })
+      .catch(scheduleExports);
+  }
+
+  function scheduleExports() {
+    window.clearTimeout(exportsTimer);
+    if (anyExportActive()) exportsTimer = window.setTimeout(refreshExports, 2000);
+  }
+  scheduleExports();
+
   // --- the socket --------------------------------------------------------------------------------------
   const socket = new FTP.LiveSocket(root.dataset.wsPath, {
     params: function () { return "after=" + lastSeq; },
@@ -242,7 +328,10 @@
       if (message.type !== "update") return;
       if (message.lines) addLines(message.lines);
       if (message.metrics) addMetrics(message.metrics);
-      if (message.events) addEvents(message.events);
+      if (message.events) {
+        addEvents(message.events);
+        if (message.events.some(function (e) { return String(e.kind).indexOf("export") !== -1; })) refreshExports();
+      }
       if (message.state) applyState(message.state);
     },
   });

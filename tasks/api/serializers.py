@@ -6,7 +6,16 @@ from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskType, TrainType
+from tasks.models import (
+    Dataset,
+    FinetuningTask,
+    TaskEvent,
+    TaskExport,
+    TaskLogLine,
+    TaskMetric,
+    TaskType,
+    TrainType,
+)
 
 
 class TaskCreateSerializer(serializers.Serializer):
@@ -23,6 +32,10 @@ class TaskCreateSerializer(serializers.Serializer):
     gpu_config = serializers.JSONField(required=False, help_text='{"count": N}, {"devices": "0,1"} or {"cpu": true}')
     priority = serializers.IntegerField(required=False, min_value=0, max_value=10, default=5)
     output_name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    auto_export = serializers.BooleanField(
+        required=False, default=False,
+        help_text="When the task completes, merge its last checkpoint into a full model (LoRA/QLoRA only).",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs.get("preset"):
@@ -46,6 +59,9 @@ class TaskSerializer(serializers.ModelSerializer):
     current_epoch = serializers.FloatField(source="epoch", read_only=True)
     stop_requested = serializers.SerializerMethodField()
     gpu_memory_usage = serializers.SerializerMethodField()
+    can_resume = serializers.BooleanField(read_only=True, help_text="Stopped or failed, with a checkpoint.")
+    can_export = serializers.BooleanField(read_only=True, help_text="A LoRA/QLoRA task (a full fine-tune needs no "
+                                          "merge).")
 
     class Meta:
         model = FinetuningTask
@@ -56,6 +72,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "memory_estimate_gb", "gpu_memory_usage", "held", "gpus", "master_port",
             "output_name", "output_path", "last_checkpoint", "log_file_path", "command", "command_line", "host",
             "pid", "exit_code", "error_message", "metrics", "last_log_seq", "stop_requested",
+            "run_number", "resume_from", "auto_export", "can_resume", "can_export",
             "created_at", "queued_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
@@ -78,6 +95,80 @@ class TaskSerializer(serializers.ModelSerializer):
         from gpus.selectors import task_gpu_memory_usage
 
         return task_gpu_memory_usage(obj)
+
+
+class CheckpointSerializer(serializers.Serializer):
+    """A checkpoint of one of the task's runs."""
+
+    path = serializers.CharField(help_text="Absolute path; pass it (or the step) as checkpoint to resume/export.")
+    name = serializers.CharField()
+    step = serializers.IntegerField()
+    run = serializers.CharField(help_text='"" for the first run, else the resumed run\'s folder (v0-…).')
+    saved_at = serializers.DateTimeField()
+    size_bytes = serializers.IntegerField()
+
+
+class ExportSerializer(serializers.ModelSerializer):
+    """A merge of a checkpoint's LoRA adapters into a full model (``swift export --merge_lora``)."""
+
+    task = serializers.IntegerField(source="task_id", read_only=True)
+    # A plain string in the schema: a second "status" enum next to the task's and the deployment's
+    # would collide in drf-spectacular's enum naming.
+    status = serializers.CharField(read_only=True, help_text="pending, running, completed or failed")
+    checkpoint_name = serializers.CharField(read_only=True)
+    log = serializers.CharField(source="log_text", read_only=True, help_text="The last lines of swift's output.")
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TaskExport
+        fields = ["id", "task", "checkpoint", "checkpoint_name", "step", "status", "output_path", "size_bytes",
+                  "error_message", "exit_code", "host", "command", "log", "download_url", "created_at",
+                  "started_at", "finished_at"]
+        read_only_fields = fields
+
+    def get_download_url(self, obj: TaskExport) -> str | None:
+        """A zip of the merged folder, once the export has completed."""
+        return f"/api/finetuning/exports/{obj.pk}/download/" if obj.status == "completed" else None
+
+
+@extend_schema_field({"$ref": "#/components/schemas/TaskStatusEnum"})
+class _TaskStatusField(serializers.CharField):
+    """The task's status, documented as the task status enum of :class:`TaskSerializer`."""
+
+
+class TaskDetailSerializer(TaskSerializer):
+    """One task with its checkpoints (every run) and its exports."""
+
+    # The task status enum by reference. drf-spectacular names an enum after its one component when a
+    # field name has several choice sets (the task's and the deployment's "status"); a second
+    # component carrying the same enum would leave it a hashed name and a warning.
+    status = _TaskStatusField(read_only=True)
+    checkpoints = serializers.SerializerMethodField()
+    exports = serializers.SerializerMethodField()
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "checkpoints", "exports"]
+        read_only_fields = fields
+
+    @extend_schema_field(CheckpointSerializer(many=True))
+    def get_checkpoints(self, obj: FinetuningTask) -> list[dict[str, Any]]:
+        from tasks.selectors import task_checkpoint_list
+
+        return CheckpointSerializer(task_checkpoint_list(task=obj), many=True).data
+
+    @extend_schema_field(ExportSerializer(many=True))
+    def get_exports(self, obj: FinetuningTask) -> list[dict[str, Any]]:
+        from tasks.selectors import task_export_list
+
+        return ExportSerializer(task_export_list(task=obj), many=True).data
+
+
+class CheckpointChoiceSerializer(serializers.Serializer):
+    """Which checkpoint: a step (8) or a folder of the task (absolute, or relative to its output
+    folder: "checkpoint-8", "v0-…/checkpoint-12"). Default: the task's last checkpoint."""
+
+    checkpoint = serializers.JSONField(required=False, allow_null=True, default=None,
+                                       help_text="A step number or a checkpoint folder of this task.")
 
 
 class LogLineSerializer(serializers.ModelSerializer):

@@ -1,11 +1,19 @@
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
-from tasks.api.views import DatasetViewSet, PresetListView, QueueView, TaskViewSet, TrainingArgsView
+from tasks.api.views import (
+    DatasetViewSet,
+    ExportViewSet,
+    PresetListView,
+    QueueView,
+    TaskViewSet,
+    TrainingArgsView,
+)
 
 router = DefaultRouter(trailing_slash=True)
 router.register("tasks", TaskViewSet, basename="task")
 router.register("datasets", DatasetViewSet, basename="dataset")
+router.register("exports", ExportViewSet, basename="export")
 
 urlpatterns = [
     path("queue/", QueueView.as_view(), name="api-queue"),

@@ -19,20 +19,26 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from finetune_platform.errors import ServiceValidationError
 from tasks import selectors, services
 from tasks.api.serializers import (
+    CheckpointChoiceSerializer,
     DatasetSerializer,
     DatasetUploadSerializer,
     EventSerializer,
+    ExportSerializer,
     LogPageSerializer,
     LogQuerySerializer,
     MetricSerializer,
     PrioritySerializer,
     QueueEntrySerializer,
     TaskCreateSerializer,
+    TaskDetailSerializer,
     TaskSerializer,
 )
-from tasks.models import Dataset, FinetuningTask, TaskStatus, TaskType, TrainType
+from tasks.exports import zip_stream_response
+from tasks.models import Dataset, FinetuningTask, TaskExport, TaskStatus, TaskType, TrainType
+from tasks.paths import is_within
 from tasks.presets import all_presets
 from tasks.training_args import training_args_catalogue
 
@@ -54,13 +60,14 @@ def task_create_from_input(*, user: Any, data: dict[str, Any]) -> FinetuningTask
             owner=user, preset=data["preset"], name=data.get("name") or "",
             description=data.get("description") or "", output_name=data.get("output_name") or "",
             gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
+            auto_export=data.get("auto_export", False),
         )
     return services.finetuning_task_create(
         owner=user, name=data["name"], description=data.get("description") or "",
         task_type=data.get("task_type", TaskType.SFT), train_type=data.get("train_type", TrainType.LORA),
         base_model=data["base_model"], datasets=data.get("datasets"), training_args=data.get("training_args"),
         gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
-        output_name=data.get("output_name") or "",
+        output_name=data.get("output_name") or "", auto_export=data.get("auto_export", False),
     )
 
 
@@ -78,7 +85,8 @@ class TaskViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
 ):
     """Fine-tuning tasks: list (filter ``status``, ``task_type``; ``search`` by name), create,
-    detail, delete (stops it first; the model output stays on disk), stop, logs, metrics, events."""
+    detail (with checkpoints and exports), delete (stops it first; the model output stays on disk),
+    stop, resume, export, logs, metrics, events."""
 
     serializer_class = TaskSerializer
     filter_backends = [filters.DjangoFilterBackend, SearchFilter, OrderingFilter]
@@ -88,6 +96,9 @@ class TaskViewSet(
 
     def get_queryset(self) -> QuerySet[FinetuningTask]:
         return selectors.finetuning_task_list(user=self.request.user)
+
+    def get_serializer_class(self) -> type[TaskSerializer]:
+        return TaskDetailSerializer if self.action == "retrieve" else TaskSerializer
 
     @extend_schema(request=TaskCreateSerializer, responses={201: TaskSerializer})
     def create(self, request: Request) -> Response:
@@ -134,6 +145,33 @@ class TaskViewSet(
         """Take a task out of the queue (the same as stop: a running task is stopped)."""
         return self.stop(request, pk)
 
+    @extend_schema(request=CheckpointChoiceSerializer, responses={200: TaskDetailSerializer})
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        """Resume a stopped or failed task from a checkpoint (``{"checkpoint": 8}`` or a folder of the
+        task; default its last): a new run of the same task that goes back to the queue. Its log,
+        metrics and events continue the task's history."""
+        body = CheckpointChoiceSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.finetuning_task_resume(task=self.get_object(), checkpoint=body.validated_data["checkpoint"])
+        return Response(TaskDetailSerializer(task, context={"request": request}).data)
+
+    @extend_schema(request=CheckpointChoiceSerializer, responses={201: ExportSerializer})
+    @action(detail=True, methods=["post"])
+    def export(self, request: Request, pk: str | None = None) -> Response:
+        """Merge a checkpoint's LoRA adapters into a full model (``swift export --merge_lora``, queued
+        on a worker, runs on the CPU). LoRA/QLoRA tasks only. Default: the task's last checkpoint."""
+        body = CheckpointChoiceSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        export = services.task_export_create(task=self.get_object(), checkpoint=body.validated_data["checkpoint"])
+        return Response(ExportSerializer(export).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={200: ExportSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def exports(self, request: Request, pk: str | None = None) -> Response:
+        """The task's exports, newest first, with their status and log."""
+        return Response(ExportSerializer(selectors.task_export_list(task=self.get_object()), many=True).data)
+
     @extend_schema(
         parameters=[
             OpenApiParameter("after", int, description="Return lines with seq greater than this."),
@@ -175,6 +213,29 @@ class TaskViewSet(
     def events(self, request: Request, pk: str | None = None) -> Response:
         """The task's lifecycle events, oldest first."""
         return Response(EventSerializer(selectors.task_events(task=self.get_object()), many=True).data)
+
+
+class ExportViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """One export (``GET /api/finetuning/exports/{id}/``) and its merged model as a zip."""
+
+    serializer_class = ExportSerializer
+
+    def get_queryset(self) -> QuerySet[TaskExport]:
+        visible = selectors.finetuning_task_list(user=self.request.user)
+        return TaskExport.objects.for_user(self.request.user).filter(task__in=visible).select_related("task")
+
+    @extend_schema(responses={(200, "application/zip"): bytes})
+    @action(detail=True, methods=["get"])
+    def download(self, request: Request, pk: str | None = None) -> Any:
+        """The merged model folder as a zip, streamed (only once the export has completed)."""
+        export = self.get_object()
+        if export.status != "completed":
+            raise ServiceValidationError({"status": f"the export is {export.status}; download it once it has "
+                                          "completed"})
+        folder = Path(export.output_path)
+        if not folder.is_dir() or not is_within(folder, Path(export.task.output_path)):
+            raise Http404("The merged model's folder is gone.")
+        return zip_stream_response(request, folder, filename=f"task-{export.task_id}-{folder.name}.zip")
 
 
 class QueueView(APIView):

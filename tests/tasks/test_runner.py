@@ -14,7 +14,6 @@ import psutil
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
 from tasks import services
@@ -24,31 +23,13 @@ from tasks.process import group_members
 from tasks.runner import claim, reconcile_host, run_task
 from tasks.scheduler import dispatch_pending
 from tests.conftest import FAKE_SWIFT, announce_host, wait_for
+from tests.tasks.conftest import ARGS
 
 # Tasks start only where a live host offers a slot (here: one CPU slot).
 pytestmark = pytest.mark.usefixtures("cpu_host")
 
-ARGS = {"max_steps": 6, "logging_steps": 1, "save_steps": 3, "model_type": "qwen2", "template": "qwen2_5"}
 
 
-@pytest.fixture
-def dataset(alice: User, data_files: dict[str, Path]) -> Dataset:
-    content = data_files["sft_messages"].read_bytes()
-    return services.dataset_create(owner=alice, upload=SimpleUploadedFile("colors.jsonl", content))
-
-
-@pytest.fixture
-def make_task(alice: User, local_model: Path, dataset: Dataset) -> Callable[..., FinetuningTask]:
-    def make(**overrides: Any) -> FinetuningTask:
-        fields: dict[str, Any] = {"owner": alice, "name": "colors", "base_model": str(local_model),
-                                  "datasets": [dataset.pk], "training_args": ARGS, "gpu_config": {"cpu": True}}
-        fields.update(overrides)
-        task = services.finetuning_task_create(**fields)
-        dispatch_pending()
-        task.refresh_from_db()
-        return task
-
-    return make
 
 
 def test_a_run_completes_with_metrics_contiguous_logs_and_a_checkpoint(

@@ -74,6 +74,12 @@ def test_the_chinese_pages_translate_the_empty_states(alice_client: Client) -> N
     assert "还没有任务" in html
     html = alice_client.get("/datasets/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert "还没有数据集。" in html
+    html = alice_client.get("/gpus/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "还没有 worker 上报。" in html
+    html = alice_client.get("/queue/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "没有等待中的任务。" in html
+    html = alice_client.get("/deployments/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert "还没有部署。" in html
 
 
 def test_the_language_switcher_sets_the_language(alice_client: Client) -> None:

@@ -21,6 +21,7 @@ from django_q.cluster import Cluster
 from django_q.conf import Conf
 from django_q.models import Schedule
 
+from deployments.runner import reconcile_host as reconcile_deployments
 from gpus.inventory import discover
 from gpus.services import default_cpu_slots
 from tasks.runner import reconcile_host
@@ -45,7 +46,7 @@ class Command(BaseCommand):
         agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid())],
                                  cwd=settings.BASE_DIR)
         atexit.register(_stop, agent)
-        lost = reconcile_host()
+        lost = reconcile_host() + reconcile_deployments()  # deployments' swift groups too
         if lost:
             self.stdout.write(f"Marked {len(lost)} lost task(s) failed: {lost}")
         # One worker process per GPU and CPU slot (a running task holds one for its whole run),

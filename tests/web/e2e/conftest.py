@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, _database_url, stop_server
+from tests.conftest import REPO, _database_url, stop_server, wait_for_server_sessions_to_close
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -120,3 +120,4 @@ def web_server(transactional_db: None, tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in procs:
         stop_server(proc, timeout=10)
+    wait_for_server_sessions_to_close()
