@@ -34,7 +34,7 @@ from deployments.logs import DeploymentLog
 from deployments.models import Deployment, DeploymentStatus
 from deployments.ports import PortError, listening_pid, port_allocate, port_take_over
 from tasks.command import LaunchError
-from tasks.process import group_members, signal_group, stop_group, supervision_lost
+from tasks.process import signal_group, stop_group, stop_launched, supervision_lost
 from tasks.swift_output import LogSplitter, last_error_line
 
 logger = logging.getLogger(__name__)
@@ -284,10 +284,7 @@ class DeploymentRun:
 
     def kill(self) -> None:
         """Leave no process of the group alive (used on every exit path)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None or group_members(self.proc.pid):
-            stop_group(self.proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+        stop_launched(self.proc)
 
 
 def run_deployment(deployment_id: int) -> str:

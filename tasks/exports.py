@@ -19,7 +19,7 @@ import subprocess
 import time
 import zipfile
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from django.db import close_old_connections
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 
+from finetune_platform.streaming import streamed_download
 from tasks.command import LaunchError, build_export_argv, build_export_env
 from tasks.models import ExportStatus, TaskExport
 from tasks.paths import folder_size, is_within
-from tasks.process import group_members, process_matches, signal_group, stop_group
+from tasks.process import process_matches, signal_group, stop_group, stop_launched
 from tasks.swift_output import LogSplitter, explain_failure
 
 logger = logging.getLogger(__name__)
@@ -207,10 +208,8 @@ class ExportRun:
         task_export_finish(export=export, status=ExportStatus.FAILED, exit_code=returncode, error=error)
 
     def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None or group_members(self.proc.pid):
-            stop_group(self.proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+        """Leave no process of the group alive (used on every exit path)."""
+        stop_launched(self.proc)
 
 
 def run_export(export_id: int) -> str:
@@ -330,25 +329,7 @@ def zip_chunks(folder: Path, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
     yield pipe.take()
 
 
-async def _async_chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """Serve a blocking generator under ASGI one piece at a time, off the event loop (Django would
-    otherwise read a synchronous iterator to the end, into memory, before sending anything)."""
-    from asgiref.sync import sync_to_async
-
-    done = object()
-    step = sync_to_async(next, thread_sensitive=False)
-    while (chunk := await step(chunks, done)) is not done:
-        if chunk:
-            yield chunk  # type: ignore[misc]
-
-
 def zip_stream_response(request: Any, folder: Path, *, filename: str) -> StreamingHttpResponse:
-    """A streamed zip download of ``folder``, asynchronous under ASGI (daphne), synchronous under WSGI."""
-    chunks = (c for c in zip_chunks(folder) if c)
-    from django.core.handlers.asgi import ASGIRequest
-
-    is_asgi = isinstance(getattr(request, "_request", request), ASGIRequest)
-    content = _async_chunks(chunks) if is_asgi else chunks
-    response = StreamingHttpResponse(content, content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
+    """A streamed zip download of ``folder`` (never held in memory)."""
+    return streamed_download(request, (c for c in zip_chunks(folder) if c), content_type="application/zip",
+                             filename=filename)

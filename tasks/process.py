@@ -101,3 +101,13 @@ def supervision_lost(
     if silent_for > 3 * stale_after:
         return False, silent_for
     return None
+
+
+def stop_launched(proc: Any) -> None:
+    """Leave no process of a launched group alive (every runner calls it on every exit path)."""
+    from django.conf import settings
+
+    if proc is None:
+        return
+    if proc.poll() is None or group_members(proc.pid):
+        stop_group(proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)

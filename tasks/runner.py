@@ -35,7 +35,7 @@ from tasks.command import LaunchError, build_argv, build_env
 from tasks.exports import reconcile_exports
 from tasks.models import EventKind, FinetuningTask, TaskStatus
 from tasks.paths import is_within
-from tasks.process import group_members, signal_group, stop_group, supervision_lost
+from tasks.process import signal_group, stop_group, stop_launched, supervision_lost
 from tasks.publisher import ProgressPublisher
 from tasks.selectors import run_folders
 from tasks.swift_output import JsonlTail, LogSplitter, checkpoint_saved, explain_failure, interpret_logging_record
@@ -263,10 +263,7 @@ class TaskRun:
 
     def kill(self) -> None:
         """Leave no process of the group alive (used on every exit path)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None or group_members(self.proc.pid):
-            stop_group(self.proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+        stop_launched(self.proc)
 
 
 def _step_of(path: str) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
-from django.http import FileResponse, Http404
+from django.http import Http404, StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, parsers, status, viewsets
@@ -20,6 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetune_platform.errors import ServiceValidationError
+from finetune_platform.streaming import file_chunks, streamed_download
 from tasks import selectors, services
 from tasks.api.serializers import (
     CheckpointChoiceSerializer,
@@ -191,14 +192,14 @@ class TaskViewSet(
 
     @extend_schema(responses={(200, "text/plain"): bytes})
     @action(detail=True, methods=["get"], url_path="logs/download")
-    def logs_download(self, request: Request, pk: str | None = None) -> FileResponse:
+    def logs_download(self, request: Request, pk: str | None = None) -> StreamingHttpResponse:
         """The complete log file as plain text."""
         task = self.get_object()
         path = Path(task.log_file_path)
         if not task.log_file_path or not path.is_file():
             raise Http404("This task has no log file yet.")
-        return FileResponse(path.open("rb"), as_attachment=True, filename=f"task-{task.pk}.log",
-                            content_type="text/plain; charset=utf-8")
+        return streamed_download(request, file_chunks(path), content_type="text/plain; charset=utf-8",
+                                 filename=f"task-{task.pk}.log")
 
     @extend_schema(responses={200: MetricSerializer(many=True)})
     @action(detail=True, methods=["get"])

@@ -1,7 +1,8 @@
-"""The real chain on CPU: tiny model → real ``swift sft`` through the queue → real ``swift deploy``
-started by the platform's worker → the ``openai`` client through the platform's gateway (under
-daphne) gets a completion and a streamed completion; then stop, and the port is free and no process
-of the group is left. A local model is deployed the same way and called with plain HTTP."""
+"""The real chain on CPU: tiny model → real ``swift sft`` through the queue → real ``swift export``
+(merge LoRA) → real ``swift deploy`` of the adapters, of the merged model and of a local model,
+started by the platform's worker → the ``openai`` client (and plain HTTP) through the platform's
+gateway under daphne gets a completion and a streamed completion; then stop, and the port is free
+and no process of the group is left."""
 
 from __future__ import annotations
 
@@ -42,12 +43,24 @@ def test_a_trained_checkpoint_and_a_local_model_are_served_through_the_gateway(
     worker: Callable[..., Any], stop_all_deployments: None, alice: User, alice_api: APIClient, tiny_model: Path,
     data_files: dict[str, Path], live_server_url: str, deploy_ports: tuple[int, int],
 ) -> None:
-    worker(FINETUNE_CPU_SLOTS="2", FINETUNE_DEPLOY_PORTS=f"{deploy_ports[0]}-{deploy_ports[1]}")
+    worker(FINETUNE_CPU_SLOTS="3", FINETUNE_DEPLOY_PORTS=f"{deploy_ports[0]}-{deploy_ports[1]}")
     dataset = upload(alice_api, data_files["sft_messages"])
     task = create(alice_api, name="colors", base_model=str(tiny_model), datasets=[dataset["id"]],
                   training_args={**REAL_ARGS, "max_steps": 4, "save_steps": 4})
     task = wait_terminal(alice_api, task["id"])
     assert task["status"] == "completed", task["error_message"]
+    # Merge the adapters into a full model (a queued export job on the worker).
+    response = alice_api.post(f"/api/finetuning/tasks/{task['id']}/export/", {}, format="json")
+    assert response.status_code == 201, response.content
+    export_id = response.json()["id"]
+
+    def exported() -> dict[str, Any] | None:
+        (found,) = [e for e in alice_api.get(f"/api/finetuning/tasks/{task['id']}/exports/").json()
+                    if e["id"] == export_id]
+        return found if found["status"] in ("completed", "failed") else None
+
+    export = wait_for(exported, timeout=300, interval=0.5)
+    assert export["status"] == "completed", (export["error_message"], export["log"][-2000:])
 
     started = time.monotonic()
     response = alice_api.post("/api/deployments/", {"name": "colors", "task": task["id"],
@@ -96,10 +109,22 @@ def test_a_trained_checkpoint_and_a_local_model_are_served_through_the_gateway(
     local_row = Deployment.objects.get(pk=local["id"])
     assert local_row.command[2] == "--model" and local_row.port != row.port
 
-    for pk in (adapters["id"], local["id"]):
+    # The merged export, served as a full model.
+    response = alice_api.post("/api/deployments/", {"name": "merged", "task": task["id"], "merged": True,
+                                                    "gpu_config": {"cpu": True}}, format="json")
+    assert response.status_code == 201, response.content
+    merged = wait_running(alice_api, response.json()["id"])
+    answer = httpx.post(f"{live_server_url}/api/deployments/{merged['id']}/v1/chat/completions", timeout=120,
+                        headers={"Authorization": f"Bearer {key}"}, trust_env=False,
+                        json={"model": "merged", "messages": MESSAGES, "max_tokens": 4})
+    assert answer.status_code == 200, answer.text
+    merged_row = Deployment.objects.get(pk=merged["id"])
+    assert merged_row.command[2] == "--model" and merged_row.command[3] == export["output_path"]
+
+    for pk in (adapters["id"], local["id"], merged["id"]):
         response = alice_api.post(f"/api/deployments/{pk}/stop/")
         assert response.status_code == 200
-    for before in (row, local_row):
+    for before in (row, local_row, merged_row):
         ended = wait_for(lambda b=before: Deployment.objects.filter(pk=b.pk, status=DeploymentStatus.STOPPED).first(),
                          timeout=60)
         assert nothing_listens(ended.port)

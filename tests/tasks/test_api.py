@@ -192,6 +192,39 @@ def test_logs_validate_their_parameters(alice_api: APIClient, task: dict[str, An
     assert alice_api.get(f"/api/finetuning/tasks/{task['id']}/logs/").json() == {"lines": [], "next": 0}
 
 
+def test_the_owner_downloads_the_whole_log_file(alice_api: APIClient, task: dict[str, Any]) -> None:
+    from tasks.models import FinetuningTask
+
+    path = Path(FinetuningTask.objects.get(pk=task["id"]).log_file_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(b"line %d\n" % i for i in range(300_000)))  # ~3 MB, several chunks
+    response = alice_api.get(f"/api/finetuning/tasks/{task['id']}/logs/download/")
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/plain")
+    assert f'filename="task-{task["id"]}.log"' in response["Content-Disposition"]
+    assert b"".join(response.streaming_content) == path.read_bytes()
+
+
+def test_under_asgi_a_download_is_streamed_asynchronously(tmp_path: Path) -> None:
+    """Django would read a synchronous body to its end, into memory, before sending it under daphne."""
+    import asyncio
+
+    from django.test import AsyncRequestFactory
+
+    from finetune_platform.streaming import file_chunks, streamed_download
+
+    path = tmp_path / "big.log"
+    path.write_bytes(b"x" * (3 * (1 << 20) + 5))
+    response = streamed_download(AsyncRequestFactory().get("/"), file_chunks(path), content_type="text/plain",
+                                 filename="big.log")
+    assert response.is_async
+
+    async def collect() -> list[bytes]:
+        return [chunk async for chunk in response.streaming_content]
+
+    chunks = asyncio.run(collect())
+    assert len(chunks) == 4 and b"".join(chunks) == path.read_bytes()
+
+
 # --- ownership --------------------------------------------------------------------------------
 def test_bob_gets_404_on_every_route_of_alices_task(bob_api: APIClient, task: dict[str, Any]) -> None:
     base = f"/api/finetuning/tasks/{task['id']}/"

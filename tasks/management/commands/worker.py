@@ -48,7 +48,7 @@ class Command(BaseCommand):
         atexit.register(_stop, agent)
         lost = reconcile_host() + reconcile_deployments()  # deployments' swift groups too
         if lost:
-            self.stdout.write(f"Marked {len(lost)} lost task(s) failed: {lost}")
+            self.stdout.write(f"Marked {len(lost)} lost task(s)/deployment(s) failed: {lost}")
         # One worker process per GPU and CPU slot (a running task holds one for its whole run),
         # plus room for the sweep and deployments, unless FINETUNE_WORKERS says otherwise.
         if not os.environ.get("FINETUNE_WORKERS"):

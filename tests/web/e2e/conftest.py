@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connections
 
 from tests.conftest import REPO, _database_url, stop_server, wait_for_server_sessions_to_close
 
@@ -121,3 +122,7 @@ def web_server(transactional_db: None, tmp_path: Path) -> Iterator[Any]:
     for proc in procs:
         stop_server(proc, timeout=10)
     wait_for_server_sessions_to_close()
+    # With Playwright's event loop in this thread, the ORM connections opened here live in a
+    # context Django's own teardown does not close; close them, or dropping the test database
+    # at the end of the run finds them still "using" it.
+    connections.close_all()
