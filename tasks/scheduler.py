@@ -85,11 +85,6 @@ def dispatch() -> DispatchResult:
         if hosts:
             result.deployments = _place_deployments(hosts)
             result.tasks = _place_tasks(hosts)
-    for task in FinetuningTask.objects.filter(pk__in=result.tasks).prefetch_related("reservations__gpu"):
-        gpus = sorted(r.gpu.index for r in task.reservations.all() if r.gpu_id)
-        where = f"GPU {','.join(map(str, gpus))}" if gpus else "a CPU slot"
-        publish_event(task, EventKind.QUEUED, f"Reserved {where} on {task.host}; handed to its worker",
-                      host=task.host, gpus=gpus)
     return result
 
 
@@ -132,6 +127,14 @@ def _book_task(task_id: int, placement: Placement, hosts: list[HostState], now: 
                 return False
             _reserve(placement, hosts, task_id=task_id)
             enqueue_run(task_id, placement.host)
+            # Recorded in the booking transaction, so the timeline always reads queued → started
+            # (the worker may claim the task a moment after the commit, before code after it runs).
+            gpus = sorted(g.index for h in hosts if h.name == placement.host for g in h.gpus
+                          if g.id in placement.gpu_ids)
+            where = f"GPU {','.join(map(str, gpus))}" if gpus else "a CPU slot"
+            publish_event(FinetuningTask.objects.get(pk=task_id), EventKind.QUEUED,
+                          f"Reserved {where} on {placement.host}; handed to its worker", host=placement.host,
+                          gpus=gpus)
     except IntegrityError:  # only if the inventory changed under us; the next dispatch retries
         logger.warning("reservation for task %s collided; it stays pending", task_id, exc_info=True)
         return False
