@@ -27,6 +27,7 @@ class HostState:
     free_gpu_ids: set[int] = field(default_factory=set)
     cpu_slots: int = 0
     free_cpu_slots: list[int] = field(default_factory=list)
+    id: int = 0  # the Host row, so a dispatcher books without looking it up again
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,6 @@ class Request:
             return cls(kind="gpu", count=int(gpu_config["count"]), min_memory_mb=min_mb)
         return cls(kind="auto", min_memory_mb=min_mb)
 
-    def wants_gpu_on(self, host: HostState) -> bool:
-        return self.kind == "gpu" or (self.kind == "auto" and bool(host.gpus))
-
     def resolved(self, hosts: list[HostState] | list[TimedHost]) -> Request:
         """``auto`` made concrete: one GPU when any host has GPUs, else a CPU slot."""
         if self.kind != "auto":
@@ -69,17 +67,22 @@ class Placement:
     cpu_slot: int | None = None
 
 
+def _named(pool: list[GpuSlot], devices: tuple[str, ...]) -> list[GpuSlot] | None:
+    """The GPUs a request names (by index or UUID), in its order; None if one is not in ``pool``."""
+    chosen = []
+    for device in devices:
+        found = [g for g in pool if str(g.index) == device or g.uuid == device]
+        if not found:
+            return None
+        chosen.append(found[0])
+    return chosen
+
+
 def _matching(host: HostState, request: Request, *, free_only: bool) -> list[GpuSlot] | None:
     pool = [g for g in host.gpus if (not free_only or g.id in host.free_gpu_ids)]
     pool = [g for g in pool if g.memory_total_mb >= request.min_memory_mb]
     if request.devices:
-        chosen = []
-        for device in request.devices:
-            found = [g for g in pool if str(g.index) == device or g.uuid == device]
-            if not found:
-                return None
-            chosen.append(found[0])
-        return chosen
+        return _named(pool, request.devices)
     count = request.count if request.kind == "gpu" else 1
     if len(pool) < count:
         return None
@@ -92,13 +95,13 @@ def place(request: Request, hosts: list[HostState]) -> Placement | None:
     request = request.resolved(hosts)
     candidates: list[tuple[int, str, Placement]] = []
     for host in hosts:
-        if request.wants_gpu_on(host):
+        if request.kind == "gpu":
             chosen = _matching(host, request, free_only=True)
             if chosen is not None:
                 candidates.append(
                     (len(host.free_gpu_ids), host.name, Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen)))
                 )
-        elif host.free_cpu_slots and request.kind in ("cpu", "auto"):
+        elif host.free_cpu_slots:
             candidates.append(
                 (len(host.free_cpu_slots), host.name, Placement(host=host.name, cpu_slot=min(host.free_cpu_slots)))
             )
@@ -178,25 +181,21 @@ def earliest_start(request: Request, hosts: list[TimedHost]) -> tuple[float, Pla
     best: tuple[float, str, Placement] | None = None
     for host in hosts:
         candidate: tuple[float, Placement] | None = None
-        if request.kind == "gpu" or (request.kind == "auto" and host.gpus):
+        if request.kind == "gpu":
             pool = [g for g in host.gpus if g.memory_total_mb >= request.min_memory_mb]
-            chosen: list[GpuSlot] = []
             if request.devices:
-                for device in request.devices:
-                    found = [g for g in pool if str(g.index) == device or g.uuid == device]
-                    if not found:
-                        break
-                    chosen.append(found[0])
-                if len(chosen) != len(request.devices):
+                named = _named(pool, request.devices)
+                if named is None:
                     continue
+                chosen = named
             else:
-                count = request.count if request.kind == "gpu" else 1
-                if len(pool) < count:
+                if len(pool) < request.count:
                     continue
-                chosen = sorted(pool, key=lambda g: (host.gpu_free_in[g.id], g.memory_total_mb, g.index))[:count]
+                chosen = sorted(pool, key=lambda g: (host.gpu_free_in[g.id], g.memory_total_mb, g.index))[
+                    : request.count]
             start = max(host.gpu_free_in[g.id] for g in chosen)
             candidate = (start, Placement(host=host.name, gpu_ids=tuple(g.id for g in chosen)))
-        elif request.kind in ("cpu", "auto") and host.slot_free_in:
+        elif host.slot_free_in:
             slot = min(host.slot_free_in, key=lambda s: (host.slot_free_in[s], s))
             candidate = (host.slot_free_in[slot], Placement(host=host.name, cpu_slot=slot))
         if candidate is not None and (best is None or (candidate[0], host.name) < (best[0], best[1])):

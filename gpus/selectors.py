@@ -40,16 +40,23 @@ def gpu_state(gpu: Gpu) -> str:
     return "reserved" if held else "free"
 
 
+def reservation_holder(reservation: Reservation, user: Any) -> dict[str, Any] | None:
+    """The task or deployment behind a reservation: named to its owner and staff, anonymous to others."""
+    holder = reservation.task or reservation.deployment
+    if holder is None:
+        return None
+    kind = "task" if reservation.task_id else "deployment"
+    if user.is_staff or holder.owner_id == user.pk:
+        return {"kind": kind, kind: holder.pk, "name": holder.name, "status": holder.status}
+    return {"kind": kind, kind: None, "name": f"another user's {kind}", "status": holder.status}
+
+
 def gpu_holder(gpu: Gpu, user: Any) -> dict[str, Any] | None:
-    """The task or deployment holding a GPU: named to its owner and staff, anonymous to others."""
+    """Who holds a GPU, by the rule of :func:`reservation_holder`."""
     for reservation in gpu.reservations.all():
-        holder = reservation.task or reservation.deployment
-        if holder is None:
-            continue
-        kind = "task" if reservation.task_id else "deployment"
-        if user.is_staff or holder.owner_id == user.pk:
-            return {"kind": kind, kind: holder.pk, "name": holder.name, "status": holder.status}
-        return {"kind": kind, kind: None, "name": f"another user's {kind}", "status": holder.status}
+        holder = reservation_holder(reservation, user)
+        if holder is not None:
+            return holder
     return None
 
 
@@ -69,7 +76,8 @@ def inventory_snapshot(*, everything: bool = False) -> list[Any]:
         held_gpus = {r.gpu_id for r in host.reservations.all() if r.gpu_id}
         held_slots = {r.cpu_slot for r in host.reservations.all() if r.cpu_slot is not None}
         states.append(HostState(
-            name=host.name, gpus=gpus, free_gpu_ids={g.id for g in gpus} - held_gpus, cpu_slots=host.cpu_slots,
+            name=host.name, id=host.pk, gpus=gpus, free_gpu_ids={g.id for g in gpus} - held_gpus,
+            cpu_slots=host.cpu_slots,
             free_cpu_slots=[s for s in range(host.cpu_slots) if s not in held_slots],
         ))
     return states
@@ -126,17 +134,6 @@ def _holder_payload(holder: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _slot_holder(reservation: Reservation, user: Any) -> dict[str, Any] | None:
-    """The holder of a CPU slot, hidden from other users by the same rule as ``gpu_holder``."""
-    holder = reservation.task or reservation.deployment
-    if holder is None:
-        return None
-    kind = "task" if reservation.task_id else "deployment"
-    mine = user.is_staff or holder.owner_id == user.pk
-    return {"kind": kind, kind: holder.pk if mine else None, "name": holder.name if mine else "",
-            "status": holder.status}
-
-
 def _gpu_payload(gpu: Gpu, user: Any) -> dict[str, Any]:
     total = gpu.memory_total_mb
     return {
@@ -176,7 +173,7 @@ def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
         slots = []
         for slot in range(host.cpu_slots):
             reservation = held.get(slot)
-            holder = _slot_holder(reservation, user) if reservation is not None else None
+            holder = reservation_holder(reservation, user) if reservation is not None else None
             slots.append({"slot": slot, "holder": _holder_payload(holder)})
         overview.append({
             "name": host.name,

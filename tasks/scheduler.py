@@ -155,17 +155,11 @@ def _free_master_port(host: str) -> int:
 
 
 def _reserve(placement: Placement, hosts: list[HostState], **holder: int) -> None:
-    host_id = _host_ids([placement.host])[placement.host]
+    (host_id,) = [h.id for h in hosts if h.name == placement.host]
     rows = [Reservation(host_id=host_id, gpu_id=gpu_id, **holder) for gpu_id in placement.gpu_ids]
     if placement.cpu_slot is not None:
         rows.append(Reservation(host_id=host_id, cpu_slot=placement.cpu_slot, **holder))
     Reservation.objects.bulk_create(rows)
-
-
-def _host_ids(names: list[str]) -> dict[str, int]:
-    from gpus.models import Host
-
-    return dict(Host.objects.filter(name__in=names).values_list("name", "pk"))
 
 
 class _Fence:
@@ -187,7 +181,7 @@ class _Fence:
     def keep_for(self, request: Request) -> None:
         capacity = [
             HostState(
-                name=h.name, gpus=h.gpus, free_gpu_ids={g.id for g in h.gpus} - self.fenced_gpus,
+                name=h.name, id=h.id, gpus=h.gpus, free_gpu_ids={g.id for g in h.gpus} - self.fenced_gpus,
                 cpu_slots=h.cpu_slots,
                 free_cpu_slots=[s for s in range(h.cpu_slots) if (h.name, s) not in self.fenced_slots],
             )
