@@ -15,6 +15,7 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection
+from django.utils import translation
 from rest_framework.test import APIClient
 
 from accounts.services import api_token_create
@@ -26,6 +27,15 @@ SWIFT_PYTHON = REPO / ".venv-swift" / "bin" / "python"
 
 sys.path.insert(0, str(FIXTURES))
 from make_datasets import write_datasets  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _default_language() -> Iterator[None]:
+    """Start every test in the default language: Django leaves a request's language active in its
+    thread after the response, and service messages are translated into whatever is active."""
+    translation.activate(settings.LANGUAGE_CODE)
+    yield
+    translation.deactivate()
 
 
 # --- users and clients ---------------------------------------------------------------------------
