@@ -30,7 +30,7 @@ $(SWIFT_VENV)/.installed: requirements-swift.txt
 run: install
 	$(VENV)/bin/python manage.py migrate --noinput -v0
 	$(VENV)/bin/python manage.py collectstatic --noinput -v0
-	HOST=$(HOST) PORT=$(PORT) PY=$(VENV)/bin/python scripts/run.sh
+	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/python scripts/run.py
 
 ## Only the worker (django-q2 cluster) of this host, e.g. on an extra GPU host.
 worker: install

@@ -76,7 +76,7 @@ def main() -> None:
         os.environ["FINETUNE_SWIFT_BIN"] = str(REPO / "tests" / "fixtures" / "fake_swift.py")
     (work / "models").mkdir(parents=True)
     model = work / "models" / "tiny-qwen2"
-    subprocess.run([str(REPO / ".venv-swift" / "bin" / "python"), str(REPO / "tests/fixtures/make_tiny_model.py"),
+    subprocess.run([str(REPO / ".venv-swift" / "bin" / "python"), str(REPO / "tasks/builtin_models/tiny_qwen2.py"),
                     str(model)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     import django

@@ -42,7 +42,7 @@ def main() -> None:
     (work / "models").mkdir(parents=True)
     swift_python = REPO / ".venv-swift" / "bin" / "python"
     model = work / "models" / "tiny-qwen2"
-    subprocess.run([str(swift_python), str(REPO / "tests/fixtures/make_tiny_model.py"), str(model)], check=True)
+    subprocess.run([str(swift_python), str(REPO / "tasks/builtin_models/tiny_qwen2.py"), str(model)], check=True)
     from make_datasets import write_datasets
 
     data = write_datasets(work / "datasets", rows=64)

@@ -19,7 +19,7 @@ from django.conf import settings
 
 from deployments.models import Deployment, DeploymentSource, InferenceBackend
 from gpus.estimate import parameters_for
-from tasks.command import LaunchEnv, LaunchError, apply_reserved_gpus, base_env
+from tasks.command import LaunchEnv, LaunchError, apply_reserved_gpus, base_env, ensure_checkpoint_base_model
 from tasks.training_args import ArgSpec, TrainingArgsError, args_to_argv, validate_args
 
 HOST = "127.0.0.1"
@@ -172,6 +172,7 @@ def build_argv(deployment: Deployment, *, port: int, api_key: str, gpu_count: in
         raise LaunchError(f"The folder to serve no longer exists: {path}")
     argv = [settings.FINETUNE_SWIFT_BIN, "deploy"]
     if deployment.source == DeploymentSource.CHECKPOINT and (path / "adapter_config.json").is_file():
+        ensure_checkpoint_base_model(path)  # swift loads the base model named in the checkpoint's args.json
         argv += ["--adapters", str(path)]
     else:
         argv += ["--model", str(path)]

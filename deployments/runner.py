@@ -34,8 +34,17 @@ from deployments.logs import DeploymentLog
 from deployments.models import Deployment, DeploymentStatus
 from deployments.ports import PortError, listening_pid, port_allocate, port_take_over
 from tasks.command import LaunchError
-from tasks.process import signal_group, stop_group, stop_launched, supervision_lost
-from tasks.swift_output import LogSplitter, last_error_line
+from tasks.process import (
+    SHUTDOWN_GRACE_SECONDS,
+    signal_group,
+    sigterm_means_shutdown,
+    stop_group,
+    stop_launched,
+    supervision_lost,
+    worker_shutting_down,
+)
+from tasks.swift_failures import last_error_line
+from tasks.swift_output import LogSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +103,7 @@ class DeploymentRun:
         self.ready = False
         self.failure = ""
         self.stop_signalled_at: float | None = None
+        self.grace = settings.FINETUNE_STOP_GRACE_SECONDS
         self.killed = False
 
     # --- main -------------------------------------------------------------------------------
@@ -161,7 +171,7 @@ class DeploymentRun:
                     self.fail_now(f"The model server did not become ready within "
                                   f"{settings.FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS:g} s.")
             if self.stop_signalled_at is not None and not self.killed:
-                if now - self.stop_signalled_at >= settings.FINETUNE_STOP_GRACE_SECONDS:
+                if now - self.stop_signalled_at >= self.grace:
                     signal_group(self.proc.pid, signal.SIGKILL)
                     self.killed = True
             try:
@@ -244,6 +254,11 @@ class DeploymentRun:
     def check_stop_request(self) -> None:
         if self.stop_signalled_at is not None or self.proc is None:
             return
+        if worker_shutting_down():
+            self.grace = min(self.grace, SHUTDOWN_GRACE_SECONDS)
+            self.fail_now(f"The worker on host {self.deployment.host} was shut down (Ctrl-C or SIGTERM); the model "
+                          "server was stopped with it. Start the deployment again.")
+            return
         if self.ready:
             from deployments.services import deployment_stop_idle
 
@@ -289,6 +304,11 @@ class DeploymentRun:
 
 def run_deployment(deployment_id: int) -> str:
     """Claim a placed deployment and serve it until it is stopped or dies."""
+    with sigterm_means_shutdown():
+        return _run_deployment(deployment_id)
+
+
+def _run_deployment(deployment_id: int) -> str:
     if not claim(deployment_id):
         return f"deployment {deployment_id}: not claimed (already taken, stopped or deleted)"
     deployment = Deployment.objects.get(pk=deployment_id)

@@ -21,7 +21,7 @@ from deployments.command import available_backends
 from deployments.forms import DeploymentForm
 from deployments.models import DeploymentStatus
 from finetune_platform.errors import ServiceValidationError
-from tasks.forms import GpuRequestForm, apply_service_errors
+from tasks.forms import apply_service_errors
 from tasks.paths import local_model_choices
 
 PAGE_SIZE = 20
@@ -42,7 +42,7 @@ def _labels() -> dict[str, Any]:
 def _form(request: HttpRequest, data: Any = None) -> DeploymentForm:
     return DeploymentForm(
         data, tasks=list(selectors.deployable_tasks(user=request.user)[:200]), backends=available_backends(),
-        models=local_model_choices(), initial={**GpuRequestForm.initial_for({"cpu": True}), "source": "task"},
+        models=local_model_choices(), initial={"source": "task"},
     )
 
 

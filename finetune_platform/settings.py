@@ -45,7 +45,8 @@ def _dir(name: str, default: Path) -> Path:
 
 DATA_DIR = _dir("FINETUNE_DATA_DIR", BASE_DIR / "data")
 DATA_DIR.mkdir(parents=True, exist_ok=True)
-WORKSPACES_DIR = DATA_DIR / "workspaces"
+# Users' datasets, logs and outputs; a separate disk (or, in the tests, a folder per test) if wanted.
+WORKSPACES_DIR = _dir("FINETUNE_WORKSPACES_DIR", DATA_DIR / "workspaces")
 HUB_CACHE_DIR = _dir("FINETUNE_HUB_CACHE_DIR", DATA_DIR / "hub-cache")
 
 
@@ -249,9 +250,29 @@ FINETUNE_POLL_SECONDS = env_float("FINETUNE_POLL_SECONDS", 0.1, minimum=0.01)
 # Extra variables a swift process inherits (names or shell-style patterns, comma-separated).
 FINETUNE_ENV_PASSTHROUGH = env_list("FINETUNE_ENV_PASSTHROUGH", [])
 FINETUNE_MASTER_PORT_BASE = env_int("FINETUNE_MASTER_PORT_BASE", 29500, minimum=1024, maximum=64000)
+# The smoke preset trains the built-in tiny random model unless an operator names a real small model.
 FINETUNE_SMOKE_MODEL = env_str("FINETUNE_SMOKE_MODEL")
 FINETUNE_SMOKE_MODEL_TYPE = env_str("FINETUNE_SMOKE_MODEL_TYPE", "qwen2")
 FINETUNE_SMOKE_TEMPLATE = env_str("FINETUNE_SMOKE_TEMPLATE", "qwen2_5")
+
+
+def _default_swift_python() -> str:
+    """The Python of swift's environment: the ``python`` next to the swift executable (a venv's
+    ``bin/``), else ``python3`` on PATH. The venv's ``python`` is used as a link, not resolved: only
+    the link sees the venv's packages."""
+    swift = shutil.which(FINETUNE_SWIFT_BIN)
+    if swift:
+        for name in ("python", "python3"):
+            sibling = Path(swift).parent / name
+            if sibling.exists():
+                return str(sibling)
+    return shutil.which("python3") or "python3"
+
+
+# Builds the built-in models (tasks/builtin_models) on first use; needs torch and transformers.
+FINETUNE_SWIFT_PYTHON = env_str("FINETUNE_SWIFT_PYTHON") or _default_swift_python()
+# Where built-in models are built, once per host (a few MB).
+BUILTIN_MODELS_DIR = _dir("FINETUNE_BUILTIN_MODELS_DIR", DATA_DIR / "builtin-models")
 
 # --- Deployments (swift deploy behind the gateway; see docs/deployments.md) ---
 def _port_range(name: str, default: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from scratch: only an allow-list of variables is inherited from the worker.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -17,6 +18,13 @@ from typing import Any
 
 from django.conf import settings
 
+from tasks.builtin_models import (
+    BUILTIN_MODELS,
+    BuiltinModelError,
+    ensure_builtin_model,
+    is_built,
+    is_builtin_model_id,
+)
 from tasks.models import Dataset, FinetuningTask, TaskType, TrainType
 from tasks.paths import PathError, datasets_dir, is_hub_dataset_id, is_within
 from tasks.training_args import training_args_to_argv
@@ -111,6 +119,37 @@ def resolve_dataset_argument(task: FinetuningTask, spec: Any) -> str:
     raise LaunchError(f"Dataset {spec!r} is neither an uploaded dataset id nor a hub dataset id.")
 
 
+def model_argument(task: FinetuningTask) -> str:
+    """What ``--model`` receives: the stored hub id or folder, or for a built-in model
+    (``builtin:tiny-qwen2``) its folder on this host, built now if this is its first use. The
+    absolute path is what swift writes into the checkpoints' args.json, where export and deploy read it."""
+    if is_builtin_model_id(task.base_model):
+        try:
+            return str(ensure_builtin_model(task.base_model))
+        except BuiltinModelError as exc:
+            raise LaunchError(str(exc)) from None
+    return task.model_path
+
+
+def ensure_checkpoint_base_model(checkpoint: Path) -> None:
+    """Rebuild the built-in base model a checkpoint was trained on if this host lacks it (its data
+    folder was cleared, or the work runs on another host): swift export and deploy load the base
+    model from the path in the checkpoint's args.json. Anything else is left to swift."""
+    try:
+        model = json.loads((Path(checkpoint) / "args.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(model, str):
+        return
+    folder = Path(model)
+    if folder.parent != settings.BUILTIN_MODELS_DIR or folder.name not in BUILTIN_MODELS or is_built(folder):
+        return
+    try:
+        ensure_builtin_model(folder.name)
+    except BuiltinModelError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | None = None) -> list[str]:
     """The complete argv for a task, starting with the swift executable.
 
@@ -120,11 +159,11 @@ def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | No
     and the runner follows the new folder's ``logging.jsonl``.
     """
     args = dict(task.training_args or {})
-    argv: list[str] = [settings.FINETUNE_SWIFT_BIN, *subcommand_for(task.task_type)]
-    argv += ["--model", task.model_path]
     datasets = [resolve_dataset_argument(task, spec) for spec in task.datasets]
     if not datasets:
         raise LaunchError("The task has no datasets.")
+    argv: list[str] = [settings.FINETUNE_SWIFT_BIN, *subcommand_for(task.task_type)]
+    argv += ["--model", model_argument(task)]  # after the quick checks: a built-in model may be built here
     argv += ["--dataset", *datasets]
     argv += ["--tuner_type", "full" if task.train_type == TrainType.FULL else "lora"]
     if task.train_type == TrainType.QLORA:
@@ -234,6 +273,7 @@ def build_export_argv(*, checkpoint: Path, output_dir: Path) -> list[str]:
         raise LaunchError("export paths must be absolute")
     if not checkpoint.is_dir():
         raise LaunchError(f"The checkpoint to export is missing: {checkpoint}")
+    ensure_checkpoint_base_model(checkpoint)
     argv = [settings.FINETUNE_SWIFT_BIN, "export", "--adapters", str(checkpoint), "--merge_lora", "true",
             "--output_dir", str(output_dir)]
     for value in argv[1:]:

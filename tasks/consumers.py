@@ -16,8 +16,12 @@ connect through ``for_user`` (anonymous: close 4401; another user's task: close 
   when the user has tasks newer than ``latest``.
 
 Messages to the browser (JSON): ``{"type": "update", "state": {...}?, "lines": [{seq, text,
-time}]?, "metrics": [...]?, "events": [...]?}``, ``{"type": "deleted"}``, ``{"type": "tasks",
-"tasks": [...]}``, ``{"type": "gone", "ids": [...]}``, ``{"type": "new_tasks"}``.
+time}]?, "metrics": [...]?, "events": [...]?, "cards": "<revision>"?}``, ``{"type": "deleted"}``,
+``{"type": "tasks", "tasks": [...]}``, ``{"type": "gone", "ids": [...]}``, ``{"type": "new_tasks"}``.
+``cards`` is the revision of the task page's server-rendered cards (error, details, checkpoints,
+exports, command line; :func:`tasks.selectors.task_cards_revision`), sent when it changes: the page
+then fetches ``/tasks/<id>/cards/`` and swaps them in. It is re-read on every event, on a change of
+status or last checkpoint, and at each re-check (an export's progress has no event of its own).
 
 Delivery: with a cross-process layer (Redis) the runner's publisher broadcasts, and each consumer
 re-checks the database every ``RECHECK_SECONDS`` so a dropped message is repaired without a reload.
@@ -70,6 +74,8 @@ CLOSE_NOT_FOUND = 4404
 
 #: Fields that change on every read; sent along with a real change only (pages tick them locally).
 VOLATILE_FIELDS = ("elapsed_seconds",)
+#: A change of one of these may change the task page's cards (see ``task_cards_revision``).
+CARD_TRIGGER_FIELDS = frozenset({"status", "last_checkpoint", "error_message", "stop_requested"})
 #: What a list row shows; sent when one of these changes.
 LIST_FIELDS = ("status", "progress", "current_step", "max_steps", "loss", "eta_seconds")
 
@@ -293,6 +299,7 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
         self.metric_id = 0
         self.event_id = 0
         self.state: dict[str, Any] = {}
+        self.cards_rev: str | None = None
         self.lock = asyncio.Lock()
         # Join before reading the database: whatever is published after the read arrives live.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -357,6 +364,7 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
             if events:
                 out["events"] = events
             fields = {key: message[key] for key in PROGRESS_FIELDS if key in message}
+            task: FinetuningTask | None = None
             if fields.get("status") and fields["status"] != self.state.get("status"):
                 # A new status brings fields the publisher does not carry (times, error): read them.
                 task = await database_sync_to_async(selectors.finetuning_task_find)(user=self.user, pk=self.task_id)
@@ -367,6 +375,8 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
             changed = self._merge_state(fields)
             if changed:
                 out["state"] = changed
+            if events or CARD_TRIGGER_FIELDS & changed.keys():
+                await self._add_cards(out, task if task is not None else self.task_id)
             if len(out) > 1:
                 await self.send_json(out)
 
@@ -399,8 +409,16 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
         changed = self._merge_state(task_state(task), authoritative=True)
         if changed:
             out["state"] = changed
+        await self._add_cards(out, task)
         if len(out) > 1:
             await self.send_json(out)
+
+    async def _add_cards(self, out: dict[str, Any], task: FinetuningTask | int) -> None:
+        """Put the cards revision into ``out`` when it differs from the one last sent."""
+        rev = await database_sync_to_async(selectors.task_cards_revision)(task=task)
+        if rev and rev != self.cards_rev:
+            self.cards_rev = rev
+            out["cards"] = rev
 
     def _read_metrics_and_events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         metrics = selectors.task_metrics_after(task=self.task_id, after_id=self.metric_id)

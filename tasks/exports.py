@@ -33,8 +33,17 @@ from finetune_platform.streaming import streamed_download
 from tasks.command import LaunchError, build_export_argv, build_export_env
 from tasks.models import ExportStatus, TaskExport
 from tasks.paths import folder_size, is_within
-from tasks.process import process_matches, signal_group, stop_group, stop_launched
-from tasks.swift_output import LogSplitter, explain_failure
+from tasks.process import (
+    SHUTDOWN_GRACE_SECONDS,
+    process_matches,
+    signal_group,
+    sigterm_means_shutdown,
+    stop_group,
+    stop_launched,
+    worker_shutting_down,
+)
+from tasks.swift_failures import explain_failure
+from tasks.swift_output import LogSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +89,8 @@ class ExportRun:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_offset = 0
         self.stop_signalled_at: float | None = None
+        self.grace = settings.FINETUNE_STOP_GRACE_SECONDS
+        self.shutdown = False
         self.killed = False
         self._saved_lines = -1
         self._received = 0
@@ -137,7 +148,7 @@ class ExportRun:
                 last_save = now
                 self.save_log()
             if self.stop_signalled_at is not None and not self.killed:
-                if now - self.stop_signalled_at >= settings.FINETUNE_STOP_GRACE_SECONDS:
+                if now - self.stop_signalled_at >= self.grace:
                     signal_group(self.proc.pid, signal.SIGKILL)
                     self.killed = True
             try:
@@ -183,6 +194,12 @@ class ExportRun:
     def check_stop_request(self) -> None:
         if self.stop_signalled_at is not None or self.proc is None:
             return
+        if worker_shutting_down():
+            self.shutdown = True
+            self.grace = min(self.grace, SHUTDOWN_GRACE_SECONDS)
+            signal_group(self.proc.pid, signal.SIGTERM)
+            self.stop_signalled_at = time.monotonic()
+            return
         row = TaskExport.objects.filter(pk=self.export.pk).values("stop_requested_at").first()
         if row is None or row["stop_requested_at"] is not None:
             signal_group(self.proc.pid, signal.SIGTERM)
@@ -197,7 +214,10 @@ class ExportRun:
             task_export_finish(export=export, status=ExportStatus.COMPLETED, exit_code=0,
                                size_bytes=folder_size(target))
             return
-        if self.stop_signalled_at is not None:
+        if self.shutdown:
+            error = (f"The worker on host {export.host or settings.FINETUNE_HOST} was shut down (Ctrl-C or SIGTERM) "
+                     "during the export; the partial merged folder was removed. Export again.")
+        elif self.stop_signalled_at is not None:
             error = "Stopped on request; the partial merged folder was removed."
         elif returncode == 0:
             error = f"swift export exited without writing {target.name}/config.json."
@@ -214,6 +234,11 @@ class ExportRun:
 
 def run_export(export_id: int) -> str:
     """Claim and run an export to its end. Returns a short outcome for django-q2's result record."""
+    with sigterm_means_shutdown():
+        return _run_export(export_id)
+
+
+def _run_export(export_id: int) -> str:
     from tasks.services import task_export_finish
 
     if not claim_export(export_id):

@@ -10,6 +10,7 @@ from django import forms
 from django.utils.translation import gettext, gettext_noop
 from django.utils.translation import gettext_lazy as _
 
+from tasks.builtin_models import BUILTIN_MODELS, builtin_model_id
 from tasks.models import TaskType, TrainType
 from tasks.paths import local_model_choices
 from tasks.presets import Preset
@@ -55,15 +56,21 @@ TRANSLATABLE_TEXTS = (
         "LoRA SFT of Qwen/Qwen2.5-7B-Instruct on alpaca-gpt4 zh/en and self-cognition, 500 samples each, with "
         "the fixed parameters of the original system. Needs one GPU with about 20 GiB."
     ),
-    gettext_noop("CPU smoke test (tiny local model)"),
+    gettext_noop("Smoke test: check this installation"),
     gettext_noop(
-        "A 20-step LoRA SFT on a built-in 64-row dataset, on a CPU slot. Checks that the installation runs swift "
-        "end to end; point FINETUNE_SMOKE_MODEL at a small local model."
+        "Checks that this installation trains end to end: a 20-step LoRA SFT of a tiny random model the platform "
+        "builds on first use, on a built-in 64-row dataset. The model learns nothing useful. Runs on one GPU where "
+        "the platform has GPUs, else on a CPU slot."
     ),
-    gettext_noop("no smoke model configured: set FINETUNE_SMOKE_MODEL to a model folder inside FINETUNE_MODEL_ROOTS"),
+    gettext_noop(
+        "Checks that this installation trains end to end: a 20-step LoRA SFT of the small local model the operator "
+        "configured (FINETUNE_SMOKE_MODEL), on a built-in 64-row dataset. Runs on one GPU where the platform has "
+        "GPUs, else on a CPU slot."
+    ),
 )
 
 GPU_MODES = [
+    ("auto", _("Automatic")),
     ("count", _("Any free GPUs")),
     ("devices", _("Specific GPUs")),
     ("cpu", _("CPU slot (no GPU)")),
@@ -73,10 +80,14 @@ ARG_PREFIX = "arg_"
 
 
 class GpuRequestForm(forms.Form):
-    """The GPU request: a CPU slot, a number of GPUs, or specific devices (the GPU list comes with
-    the scheduler)."""
+    """The GPU request: automatic (``{}``: one GPU where the platform has GPUs, else a CPU slot, as
+    :meth:`gpus.placement.Request.resolved` decides), a number of GPUs, specific devices, or a CPU slot.
+    Automatic is the default, so a form posted as it is runs on any platform."""
 
-    gpu_mode = forms.ChoiceField(label=_("Run on"), choices=GPU_MODES, initial="count", widget=forms.RadioSelect)
+    gpu_mode = forms.ChoiceField(
+        label=_("Run on"), choices=GPU_MODES, initial="auto", widget=forms.RadioSelect,
+        help_text=_("Automatic: one GPU where this platform has GPUs, else a CPU slot."),
+    )
     gpu_count = forms.IntegerField(label=_("Number of GPUs"), min_value=1, max_value=64, initial=1, required=False)
     gpu_devices = forms.CharField(
         label=_("GPU devices"),
@@ -99,7 +110,9 @@ class GpuRequestForm(forms.Form):
             return {"cpu": True}
         if mode == "devices":
             return {"devices": (self.cleaned_data.get("gpu_devices") or "").strip()}
-        return {"count": self.cleaned_data.get("gpu_count") or 1}
+        if mode == "count":
+            return {"count": self.cleaned_data.get("gpu_count") or 1}
+        return {}
 
     def gpu_error_field(self) -> str:
         mode = self.cleaned_data.get("gpu_mode")
@@ -111,7 +124,9 @@ class GpuRequestForm(forms.Form):
             return {"gpu_mode": "cpu"}
         if gpu_config.get("devices"):
             return {"gpu_mode": "devices", "gpu_devices": gpu_config["devices"]}
-        return {"gpu_mode": "count", "gpu_count": gpu_config.get("count", 1)}
+        if gpu_config.get("count"):
+            return {"gpu_mode": "count", "gpu_count": gpu_config["count"]}
+        return {"gpu_mode": "auto"}
 
 
 class PresetTaskForm(GpuRequestForm):
@@ -170,7 +185,8 @@ class TaskForm(GpuRequestForm):
     base_model = forms.CharField(
         label=_("Base model"),
         max_length=1000,
-        help_text=_("A hub id such as Qwen/Qwen2.5-7B-Instruct, or a registered local model."),
+        help_text=_("A hub id such as Qwen/Qwen2.5-7B-Instruct, a registered local model, or builtin:tiny-qwen2 "
+                    "(a tiny random model that checks the installation)."),
         widget=forms.TextInput(attrs={"list": "local-models", "autocomplete": "off"}),
     )
     datasets = forms.MultipleChoiceField(label=_("Your datasets"), required=False, widget=forms.CheckboxSelectMultiple)
@@ -202,6 +218,7 @@ class TaskForm(GpuRequestForm):
         ]
         for key, spec in TRAINING_ARGS.items():
             self.fields[ARG_PREFIX + key] = _arg_field(key, spec)
+        self.builtin_models = [builtin_model_id(name) for name in BUILTIN_MODELS]
         self.local_models = local_model_choices()
 
     def common_arg_fields(self) -> list[forms.BoundField]:

@@ -5,6 +5,8 @@
 * Local base models must live under an operator-configured root (``FINETUNE_MODEL_ROOTS``). A user
   names one by absolute path or by a path relative to a root; anything that resolves (symlinks
   included) outside every root is refused.
+* Built-in models (``builtin:tiny-qwen2``, :mod:`tasks.builtin_models`) are local models the platform
+  builds itself on first use, in ``FINETUNE_BUILTIN_MODELS_DIR``.
 * Hub ids (``Qwen/Qwen2.5-7B-Instruct``, ``AI-ModelScope/alpaca-gpt4-data-zh#500``) pass through
   to swift after a strict syntax check (no URLs, no paths).
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
+
+from tasks.builtin_models import BuiltinModelError, builtin_model_path, is_builtin_model_id
 
 
 class PathError(ValueError):
@@ -86,11 +90,17 @@ class ResolvedModel:
 
 
 def resolve_model(value: str, roots: list[Path] | None = None) -> ResolvedModel:
-    """Resolve a base model name to a hub id or a folder inside a model root."""
+    """Resolve a base model name to a hub id, a built-in model or a folder inside a model root."""
     value = (value or "").strip()
     if not value:
         raise PathError("name a base model: a hub id such as Qwen/Qwen2.5-7B-Instruct or a local model folder")
     _refuse_odd_characters(value, "the model name")
+    if is_builtin_model_id(value):
+        # Its folder may not exist yet: the worker builds it at launch (tasks.command.build_argv).
+        try:
+            return ResolvedModel(source="local", argument=str(builtin_model_path(value)))
+        except BuiltinModelError as exc:
+            raise PathError(str(exc)) from None
     roots = settings.FINETUNE_MODEL_ROOTS if roots is None else roots
     parts = Path(value).parts
     if ".." in parts:

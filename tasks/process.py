@@ -7,12 +7,21 @@ starts a new session (its own process group) and every stop signals the whole gr
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
+
+#: Seconds a supervised group gets between SIGTERM and SIGKILL when the worker shuts down (swift
+#: exits within a fraction of a second on SIGTERM; nothing is saved either way).
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 def process_matches(pid: int | None, create_time: float | None) -> bool:
@@ -111,3 +120,58 @@ def stop_launched(proc: Any) -> None:
         return
     if proc.poll() is None or group_members(proc.pid):
         stop_group(proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+
+
+# --- worker shutdown ----------------------------------------------------------------------------
+# The worker's main process sets a flag in shared memory that every forked worker process sees; a
+# runner polls it with its stop requests, so a Ctrl-C or SIGTERM to the worker stops each swift group
+# and records why, instead of orphaning the processes. Lock-free on purpose: a multiprocessing.Event
+# takes a lock, and taking a lock in a signal handler is how django-q2's own handler deadlocks.
+_shutdown_shared: Any = None
+_shutdown_signalled = False
+
+
+def worker_shutdown_prepare() -> None:
+    """Create the shared flag; the worker calls this before its cluster forks the worker processes."""
+    global _shutdown_shared
+    _shutdown_shared = multiprocessing.get_context("fork").RawValue(ctypes.c_bool, False)
+
+
+def worker_shutdown_begin() -> None:
+    """Tell every runner of this worker to stop its process and conclude (main process)."""
+    global _shutdown_signalled
+    _shutdown_signalled = True
+    if _shutdown_shared is not None:
+        _shutdown_shared.value = True
+
+
+def worker_shutting_down() -> bool:
+    return _shutdown_signalled or (_shutdown_shared is not None and bool(_shutdown_shared.value))
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    global _shutdown_signalled, _sigterm_received
+    _shutdown_signalled = _sigterm_received = True  # only assignments here: the runner's loop does the rest
+
+
+_sigterm_received = False
+
+
+@contextmanager
+def sigterm_means_shutdown() -> Iterator[None]:
+    """While a runner supervises a process, a SIGTERM sent straight to its worker process (a signal to
+    the whole process group, systemd's default stop) reads as a worker shutdown instead of killing
+    the runner at once and orphaning swift. Only the main thread can set signal handlers; runners
+    driven from a thread (tests) keep the default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if _sigterm_received:
+            # The run is concluded; now end this process as the signal asked (it must not take the
+            # next job believing it is shutting down).
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -31,14 +31,25 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from tasks.builtin_models import BuiltinModelError, builtin_model_path, is_built, is_builtin_model_id
 from tasks.command import LaunchError, build_argv, build_env
 from tasks.exports import reconcile_exports
 from tasks.models import EventKind, FinetuningTask, TaskStatus
 from tasks.paths import is_within
-from tasks.process import signal_group, stop_group, stop_launched, supervision_lost
+from tasks.process import (
+    SHUTDOWN_GRACE_SECONDS,
+    signal_group,
+    sigterm_means_shutdown,
+    stop_group,
+    stop_launched,
+    supervision_lost,
+    worker_shutting_down,
+)
 from tasks.publisher import ProgressPublisher
+from tasks.scheduler import task_requeue
 from tasks.selectors import run_folders
-from tasks.swift_output import JsonlTail, LogSplitter, checkpoint_saved, explain_failure, interpret_logging_record
+from tasks.swift_failures import explain_failure
+from tasks.swift_output import JsonlTail, LogSplitter, checkpoint_saved, interpret_logging_record
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +84,8 @@ class TaskRun:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_offset = 0
         self.stop_signalled_at: float | None = None
+        self.grace = settings.FINETUNE_STOP_GRACE_SECONDS
+        self.shutdown = False
         self.killed = False
         self.jsonl: JsonlTail | None = None
         self.run_dir: Path | None = None
@@ -92,10 +105,14 @@ class TaskRun:
             self.publisher.event(EventKind.STARTED, f"Started on {task.host}", host=task.host)
         log_path = Path(task.log_file_path)
         workdir = log_path.parent
+        if _builtin_model_missing(task.base_model):
+            self.publisher.add_lines([f"[platform] Building the built-in model {task.base_model} on its first use "
+                                      "(a few seconds)"])
+            self.publisher.flush(force=True)
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             output_dir.mkdir(parents=True, exist_ok=True)
-            argv = build_argv(task, output_dir=output_dir, resume_from=self.resume_from)
+            argv = build_argv(task, output_dir=output_dir, resume_from=self.resume_from)  # builds it
             launch = build_env(task, workdir=workdir)
         except LaunchError as exc:
             self.finish(TaskStatus.FAILED, error=str(exc))
@@ -147,7 +164,7 @@ class TaskRun:
                 last_heartbeat = now
                 self.heartbeat()
             if self.stop_signalled_at is not None and not self.killed:
-                if now - self.stop_signalled_at >= settings.FINETUNE_STOP_GRACE_SECONDS:
+                if now - self.stop_signalled_at >= self.grace:
                     signal_group(self.proc.pid, signal.SIGKILL)
                     self.killed = True
             try:
@@ -227,6 +244,12 @@ class TaskRun:
     def check_stop_request(self) -> None:
         if self.stop_signalled_at is not None or self.proc is None:
             return
+        if worker_shutting_down():
+            self.shutdown = True
+            self.grace = min(self.grace, SHUTDOWN_GRACE_SECONDS)
+            signal_group(self.proc.pid, signal.SIGTERM)
+            self.stop_signalled_at = time.monotonic()
+            return
         row = FinetuningTask.objects.filter(pk=self.task.pk).values("stop_requested_at").first()
         if row is None or row["stop_requested_at"] is not None:
             # Stop requested (or the row vanished, which only an operator's raw delete does).
@@ -242,7 +265,11 @@ class TaskRun:
 
     # --- ending -----------------------------------------------------------------------------
     def conclude(self, returncode: int | None) -> None:
-        if self.stop_signalled_at is not None and returncode != 0:
+        if self.shutdown and returncode != 0:
+            self.finish(TaskStatus.FAILED, exit_code=returncode, error=(
+                f"The worker on host {self.task.host} was shut down (Ctrl-C or SIGTERM) while this task ran; "
+                "its swift process was stopped. Resume from the last checkpoint or start the task again."))
+        elif self.stop_signalled_at is not None and returncode != 0:
             self.finish(TaskStatus.STOPPED, exit_code=returncode)
         elif returncode == 0:
             self.finish(TaskStatus.COMPLETED, exit_code=0)
@@ -266,6 +293,15 @@ class TaskRun:
         stop_launched(self.proc)
 
 
+def _builtin_model_missing(base_model: str) -> bool:
+    if not is_builtin_model_id(base_model):
+        return False
+    try:
+        return not is_built(builtin_model_path(base_model))
+    except BuiltinModelError:
+        return False  # build_argv says why it cannot run
+
+
 def _step_of(path: str) -> int:
     suffix = Path(path).name.removeprefix("checkpoint-") if path else ""
     return int(suffix) if suffix.isdigit() else -1
@@ -282,6 +318,17 @@ def _latest_checkpoint(output_dir: Path) -> str:
 
 def run_task(task_id: int) -> str:
     """Claim and run a task to its end. Returns a short outcome for django-q2's result record."""
+    with sigterm_means_shutdown():
+        return _run_task(task_id)
+
+
+def _run_task(task_id: int) -> str:
+    if worker_shutting_down():
+        task = FinetuningTask.objects.filter(pk=task_id, host=settings.FINETUNE_HOST).first()
+        if task is not None and task_requeue(task=task, reason=f"The worker on host {task.host} shut down before "
+                                             "it started the task; back in the queue"):
+            return f"task {task_id}: back in the queue (worker shutting down)"
+        return f"task {task_id}: not claimed (worker shutting down)"
     if not claim(task_id):
         return f"task {task_id}: not claimed (already taken, stopped or deleted)"
     task = FinetuningTask.objects.get(pk=task_id)

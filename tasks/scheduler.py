@@ -242,22 +242,29 @@ def _safe_dispatch() -> None:
         logger.exception("dispatch failed; the periodic sweep will retry")
 
 
+def task_requeue(*, task: FinetuningTask, reason: str) -> bool:
+    """Put a queued task that no worker has claimed back to ``pending`` (its reservations released),
+    so the dispatcher places it again. False if it was no longer queued."""
+    with transaction.atomic():
+        moved = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+            status=TaskStatus.PENDING, host="", master_port=None, queued_at=None
+        )
+        if moved:
+            Reservation.objects.filter(task_id=task.pk).delete()
+    if moved:
+        publish_event(task, EventKind.REQUEUED, reason)
+    return bool(moved)
+
+
 def requeue_stranded() -> list[int]:
     """Put queued tasks whose host went silent before its worker claimed them back in the queue
     (their reservations are released), so they can start elsewhere. Returns their ids."""
     from gpus.models import Host
 
     live = set(Host.objects.live().values_list("name", flat=True))
-    stranded: list[int] = []
-    for task in FinetuningTask.objects.filter(status=TaskStatus.QUEUED).exclude(host__in=live):
-        with transaction.atomic():
-            moved = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-                status=TaskStatus.PENDING, host="", master_port=None, queued_at=None
-            )
-            if moved:
-                Reservation.objects.filter(task_id=task.pk).delete()
-                stranded.append(task.pk)
-        if moved:
-            publish_event(task, EventKind.REQUEUED, f"Host {task.host} stopped reporting before it started the "
-                          "task; back in the queue")
-    return stranded
+    return [
+        task.pk
+        for task in FinetuningTask.objects.filter(status=TaskStatus.QUEUED).exclude(host__in=live)
+        if task_requeue(task=task, reason=f"Host {task.host} stopped reporting before it started the task; "
+                        "back in the queue")
+    ]

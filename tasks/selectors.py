@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from django.db.models import QuerySet
+from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -46,6 +49,11 @@ def task_metric_points(*, task: FinetuningTask, after_step: int = 0) -> QuerySet
     return TaskMetric.objects.filter(task=task, step__gt=after_step).order_by("step", "kind")
 
 
+def task_log_tail(*, task: FinetuningTask, lines: int = 40) -> list[TaskLogLine]:
+    """The last ``lines`` lines of the task's log (sequence numbers are contiguous from 1)."""
+    return task_log_lines(task=task, after=max(0, task.last_log_seq - lines), limit=lines)
+
+
 def task_events(*, task: FinetuningTask) -> QuerySet[TaskEvent]:
     return TaskEvent.objects.filter(task=task).order_by("created_at", "id")
 
@@ -56,6 +64,35 @@ def dataset_list(*, user: Any) -> QuerySet[Dataset]:
 
 def dataset_get(*, user: Any, pk: Any) -> Dataset:
     return get_object_or_404(dataset_list(user=user), pk=pk)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """One entry of ``task.datasets`` as a page shows it."""
+
+    spec: str  #: as stored: an uploaded dataset's id, ``builtin:<name>`` or a hub id
+    dataset: Dataset | None = None  #: the uploaded dataset, when it still exists
+    uploaded: bool = False  #: an id of an uploaded dataset (deleted since when ``dataset`` is None)
+
+
+def task_dataset_refs(*, user: Any, task: FinetuningTask) -> list[DatasetRef]:
+    """The task's datasets with uploaded ids resolved to the datasets (of the task's owner, and only
+    those the user may see); builtin and hub ids stay as they are."""
+    ids = [int(spec) for spec in task.datasets if _is_dataset_id(spec)]
+    found = {d.pk: d for d in Dataset.objects.for_user(user).filter(owner_id=task.owner_id, pk__in=ids)} if ids else {}
+    refs: list[DatasetRef] = []
+    for spec in task.datasets:
+        if _is_dataset_id(spec):
+            refs.append(DatasetRef(spec=str(int(spec)), dataset=found.get(int(spec)), uploaded=True))
+        else:
+            refs.append(DatasetRef(spec=str(spec)))
+    return refs
+
+
+def _is_dataset_id(spec: Any) -> bool:
+    return (isinstance(spec, int) and not isinstance(spec, bool)) or (
+        isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec) is not None
+    )
 
 
 def dataset_find(*, user: Any, ref: str) -> Dataset | None:
@@ -256,6 +293,34 @@ def task_checkpoint_default(*, task: FinetuningTask, checkpoints: list[Checkpoin
             if checkpoint.path == last:
                 return checkpoint
     return checkpoints[-1]
+
+
+#: What the task page's cards (error, details, checkpoints, exports, command line) are rendered from.
+_CARD_FIELDS = (
+    "status", "last_checkpoint", "command", "host", "run_number", "resume_from", "error_message",
+    "stop_requested_at", "output_path",
+)
+
+
+def task_cards_revision(*, task: FinetuningTask | int) -> str:
+    """A short fingerprint of what the task page's cards show: it changes when one of them would
+    render differently (a status, a checkpoint, the command, an export's progress). The page's socket
+    sends it and the page fetches the re-rendered cards when it differs from the one it shows.
+    Checkpoint folders are not scanned: a save moves ``last_checkpoint``."""
+    if isinstance(task, FinetuningTask):
+        row: dict[str, Any] | None = {name: getattr(task, name) for name in _CARD_FIELDS}
+        task_id = task.pk
+    else:
+        task_id = task
+        row = FinetuningTask.objects.filter(pk=task_id).values(*_CARD_FIELDS).first()
+    if row is None:
+        return ""
+    exports = list(
+        TaskExport.objects.filter(task_id=task_id).order_by("pk").annotate(log_chars=Length("log_text"))
+        .values_list("pk", "status", "log_chars")
+    )
+    blob = json.dumps([row, exports], default=str, sort_keys=True).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
 def task_export_list(*, task: FinetuningTask) -> QuerySet[TaskExport]:

@@ -37,7 +37,7 @@ def split_glued(record: str) -> tuple[bool, str]:
         return False, record
     match = _GLUED.search(record)
     if match and match.start() > 0:
-        return True, record[match.start():]
+        return True, record[match.start() :]
     return True, ""
 
 
@@ -233,70 +233,3 @@ _CHECKPOINT_SAVED = re.compile(r"Saving model checkpoint to (?P<path>\S+)")
 def checkpoint_saved(line: str) -> str | None:
     match = _CHECKPOINT_SAVED.search(line)
     return match.group("path") if match else None
-
-
-# --- Why did it fail? ----------------------------------------------------------------------------
-
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>_?(?:[A-Z]\w*?)?(?:Error|Exception|Exit|Interrupt))\b:?")
-_HUB_MARKERS = (
-    "OfflineModeIsEnabled",
-    "LocalEntryNotFoundError",
-    "outgoing traffic has been disabled",
-    "Couldn't reach",
-    "NameResolutionError",
-    "_DownloadDeadlineError",
-    "Max retries exceeded with url",
-    "modelscope_hub.errors.NetworkError",
-    "ConnectionError: Couldn't",
-)
-_HUB_ID_IN_LINE = re.compile(
-    r"'(?P<id>[A-Za-z0-9][\w.\-]*/[\w.\-]+)'|/api/v1/models/(?P<mid>[\w.\-]+/[\w.\-]+)/"
-    r"|Dataset (?P<did>[A-Za-z0-9][\w.\-]*/[\w.\-]+) load failed"
-)
-_SIGNALS = {9: "SIGKILL", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV", 2: "SIGINT"}
-
-
-def last_error_line(lines: list[str]) -> str:
-    """The most meaningful error line: the last exception line of the last traceback, else the
-    last ``[ERROR`` line, else the last non-empty line."""
-    for line in reversed(lines):
-        text = line.strip()
-        if _EXCEPTION_LINE.match(text):
-            return text
-    for line in reversed(lines):
-        if "[ERROR" in line or "Error:" in line:
-            return line.strip()
-    for line in reversed(lines):
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def explain_failure(lines: list[str], exit_code: int | None, *, offline: bool) -> str:
-    """A plain-English reason for a failed run, followed by swift's own last error line."""
-    error = last_error_line(lines)
-    tail = "\n".join(lines[-200:])
-    if any(marker in tail for marker in _HUB_MARKERS):
-        match = _HUB_ID_IN_LINE.search(error) or _HUB_ID_IN_LINE.search(tail)
-        name = (match.group("id") or match.group("mid") or match.group("did")) if match else "a model or dataset"
-        where = (
-            "this platform runs offline (FINETUNE_OFFLINE is on), so nothing can be downloaded"
-            if offline
-            else "the hub could not be reached from this server"
-        )
-        return (
-            f"Could not download {name} from the model hub: {where}. Use a local model folder under an "
-            f"allowed model root, or upload the dataset and use its id.\nswift said: {error}"
-        )
-    if exit_code is not None and exit_code > 128 and (256 - exit_code) in _SIGNALS:
-        sig = 256 - exit_code
-        hint = " (often the out-of-memory killer)" if sig == 9 else ""
-        return f"The training process was killed by {_SIGNALS[sig]}{hint}.\nLast output: {error}"
-    if exit_code is not None and exit_code < 0:
-        name = _SIGNALS.get(-exit_code, f"signal {-exit_code}")
-        return f"swift was killed by {name}.\nLast output: {error}"
-    if "out of memory" in tail.lower() and "cuda" in tail.lower():
-        return f"The GPU ran out of memory. Lower the batch size or max_length, or use QLoRA.\nswift said: {error}"
-    if error:
-        return f"swift exited with code {exit_code}: {error}"
-    return f"swift exited with code {exit_code} without printing an error."

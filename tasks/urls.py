@@ -10,11 +10,13 @@ urlpatterns = [
     path("tasks/", views.task_list, name="task_list"),
     path("tasks/new/", views.task_create, name="task_new"),
     path("tasks/<int:pk>/", views.task_detail, name="task_detail"),
+    path("tasks/<int:pk>/cards/", views.task_cards, name="task_cards"),
     path("tasks/<int:pk>/stop/", views.task_stop, name="task_stop"),
     path("tasks/<int:pk>/resume/", views.task_resume, name="task_resume"),
     path("tasks/<int:pk>/export/", views.task_export, name="task_export"),
     path("tasks/<int:pk>/delete/", views.task_delete, name="task_delete"),
     path("datasets/", views.dataset_list, name="dataset_list"),
     path("datasets/new/", views.dataset_upload, name="dataset_upload"),
+    path("datasets/<int:pk>/", views.dataset_detail, name="dataset_detail"),
     path("datasets/<int:pk>/delete/", views.dataset_delete, name="dataset_delete"),
 ]

@@ -14,18 +14,21 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.translation import gettext as _
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from finetune_platform.errors import ServiceValidationError
 from tasks import selectors, services
 from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
-from tasks.models import EventKind, ExportStatus, TaskStatus, TaskType
+from tasks.models import EventKind, FinetuningTask, TaskStatus, TaskType
 from tasks.presets import Preset, all_presets
 
 PAGE_SIZE = 20
 #: The detail page asks its socket for this many of the last log lines (the full log is a download).
 LOG_TAIL = 5000
+#: A failed task's error box keeps this many of the last log lines one click away.
+ERROR_TAIL_LINES = 40
 
 
 def _status_labels() -> dict[str, str]:
@@ -49,9 +52,6 @@ def _live_labels() -> dict[str, Any]:
         "learningRate": _("Learning rate"),
         "step": _("Step"),
         "newTasks": _("There are new tasks."),
-        "exportStatus": {value: str(label) for value, label in ExportStatus.choices},
-        "download": _("Download (zip)"),
-        "log": _("Log"),
         # The same formats as tasks/templatetags/task_format.py uses.
         "durations": {
             "dh": _("%(d)dd %(h)02dh"),
@@ -183,22 +183,50 @@ def task_create(request: HttpRequest) -> HttpResponse:
 
 
 # --- one task ------------------------------------------------------------------------------------
+def _task_cards_context(request: HttpRequest, task: FinetuningTask) -> dict[str, Any]:
+    """What the cards that follow the task (error, details, checkpoints, exports, command line)
+    are rendered from, on the page and in its live fragment."""
+    # The revision first: whatever is read after it is at least as new, so the page never keeps
+    # a revision newer than what it shows.
+    cards_rev = selectors.task_cards_revision(task=task)
+    error_tail = ""
+    if task.error_message:
+        error_tail = "\n".join(line.text for line in selectors.task_log_tail(task=task, lines=ERROR_TAIL_LINES))
+    return {
+        "task": task,
+        "cards_rev": cards_rev,
+        "datasets": selectors.task_dataset_refs(user=request.user, task=task),
+        "checkpoints": selectors.task_checkpoint_list(task=task),
+        "exports": list(selectors.task_export_list(task=task)),
+        "error_tail": error_tail,
+    }
+
+
 @login_required
 def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """Status, progress, charts, the live log, events, command and outputs of one task."""
     task = selectors.finetuning_task_get(user=request.user, pk=pk)
     tail_after = max(0, task.last_log_seq - LOG_TAIL)
     context = {
-        "task": task,
+        **_task_cards_context(request, task),
         "events": list(selectors.task_events(task=task)),
-        "checkpoints": selectors.task_checkpoint_list(task=task),
-        "exports": list(selectors.task_export_list(task=task)),
         "tail_after": tail_after,
         "live_labels": _live_labels(),
         "initial_state": task_state(task),
         "download_url": reverse("task-logs-download", args=[task.pk]),
     }
     return render(request, "tasks/task_detail.html", context)
+
+
+@login_required
+@require_GET
+@never_cache
+def task_cards(request: HttpRequest, pk: int) -> HttpResponse:
+    """The task page's cards that follow the task, rendered by the page's own partials. The page
+    fetches them when its socket sends a new cards revision (a status, checkpoint, command or export
+    changed) and swaps them in."""
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    return render(request, "tasks/_task_cards.html", _task_cards_context(request, task))
 
 
 @login_required
@@ -261,6 +289,13 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
     datasets = selectors.dataset_list(user=request.user)
     page = Paginator(datasets, PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "tasks/dataset_list.html", {"page": page, "datasets": list(page.object_list)})
+
+
+@login_required
+def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """One uploaded dataset: what it holds (the task page links here by name)."""
+    dataset = selectors.dataset_get(user=request.user, pk=pk)
+    return render(request, "tasks/dataset_detail.html", {"dataset": dataset})
 
 
 @login_required

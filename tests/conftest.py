@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAKE_SWIFT = FIXTURES / "fake_swift.py"
 SWIFT_PYTHON = REPO / ".venv-swift" / "bin" / "python"
+TINY_MODEL_BUILDER = REPO / "tasks" / "builtin_models" / "tiny_qwen2.py"  # the platform's builtin:tiny-qwen2
 
 sys.path.insert(0, str(FIXTURES))
 from make_datasets import write_datasets  # noqa: E402
@@ -36,6 +37,19 @@ def _default_language() -> Iterator[None]:
     translation.activate(settings.LANGUAGE_CODE)
     yield
     translation.deactivate()
+
+
+@pytest.fixture(autouse=True)
+def _own_workspaces(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Give every test its own workspaces folder (datasets, logs, outputs), in this process and in the
+    workers and servers it starts (they inherit the environment). SQLite hands out the same ids again
+    after each rolled-back test, so a shared folder let one test find the previous test's files in
+    "its" ``workspaces/<user>/tasks/<id>/``."""
+    folder = tmp_path_factory.mktemp("data") / "workspaces"
+    folder.mkdir()
+    monkeypatch.setattr(settings, "WORKSPACES_DIR", folder)
+    monkeypatch.setenv("FINETUNE_WORKSPACES_DIR", str(folder))
+    yield folder
 
 
 # --- users and clients ---------------------------------------------------------------------------
@@ -102,7 +116,7 @@ def tiny_model(model_root: Path) -> Path:
     out = model_root / "tiny-qwen2"
     if not SWIFT_PYTHON.exists():
         pytest.fail(f"the swift venv is missing ({SWIFT_PYTHON}); run `make install` first")
-    subprocess.run([str(SWIFT_PYTHON), str(FIXTURES / "make_tiny_model.py"), str(out)], check=True, timeout=300)
+    subprocess.run([str(SWIFT_PYTHON), str(TINY_MODEL_BUILDER), str(out)], check=True, timeout=300)
     return out
 
 

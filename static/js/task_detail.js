@@ -4,6 +4,10 @@
  * (`lastSeq`), drops any line it already has, and when a batch does not follow on it asks the
  * server for a backfill from `lastSeq`. Every (re)connection sends `?after=<lastSeq>`, so a
  * reconnect replays exactly the missing lines.
+ *
+ * The cards that follow the task (error, details, checkpoints, exports, command line) are rendered
+ * on the server only: the socket sends their revision (`cards`) when it changes, and the page then
+ * fetches them from `data-cards-url` and swaps them in (no polling).
  */
 (function () {
   "use strict";
@@ -34,9 +38,6 @@
     field("loss").textContent = FTP.fmt.sig(state.loss, 4);
     field("lr").textContent = FTP.fmt.sig(state.learning_rate, 3);
     field("checkpoint").textContent = state.last_checkpoint || "–";
-    const error = field("error");
-    error.textContent = state.error_message || "";
-    error.hidden = !state.error_message;
     root.querySelectorAll("[data-show-when-active]").forEach(function (node) { node.hidden = !state.is_active; });
     // Resume: a stopped or failed task with a checkpoint (the server checks again).
     const resumable = (state.status === "stopped" || state.status === "failed") && !!state.last_checkpoint;
@@ -230,88 +231,70 @@
     });
   }
 
-  // --- exports (merged models): polled from the API while one is pending or running ---------------------
-  const exportsCard = root.querySelector("[data-exports-url]");
-  const exportNames = L.exportStatus || {};
-  let exportsTimer = null;
+  // --- the cards that follow the task: server-rendered, fetched when the socket says they changed ---------
+  let cardsRev = root.dataset.cardsRev || ""; // what the page shows
+  let wantedRev = cardsRev; // what the socket last announced
+  let cardsBusy = false;
+  let cardsAgain = false;
+  let cardsRetries = 0;
 
-  function exportField(li, name) { return li.querySelector('[data-export-field="' + name + '"]'); }
-
-  function renderExport(li, data) {
-    li.dataset.exportStatus = data.status;
-    const badge = exportField(li, "status");
-    badge.className = "badge badge-" + data.status;
-    badge.textContent = exportNames[data.status] || data.status;
-    exportField(li, "output").textContent = data.output_path;
-    const error = exportField(li, "error");
-    error.textContent = data.error_message || "";
-    error.hidden = !data.error_message;
-    const download = exportField(li, "download");
-    if (data.download_url) download.href = data.download_url;
-    download.hidden = !data.download_url;
-    exportField(li, "log").textContent = data.log || "";
-  }
-
-  function newExportItem(data) {
-    const li = document.createElement("li");
-    li.dataset.exportId = data.id;
-    const name = document.createElement("strong");
-    name.textContent = data.checkpoint_name;
-    const badge = document.createElement("span");
-    badge.dataset.exportField = "status";
-    const output = document.createElement("div");
-    const code = document.createElement("code");
-    code.className = "break";
-    code.dataset.exportField = "output";
-    output.appendChild(code);
-    const error = document.createElement("div");
-    error.className = "error-box";
-    error.dataset.exportField = "error";
-    const download = document.createElement("a");
-    download.className = "button secondary small";
-    download.dataset.exportField = "download";
-    download.setAttribute("download", "");
-    download.textContent = L.download || "Download (zip)";
-    const details = document.createElement("details");
-    const summary = document.createElement("summary");
-    summary.textContent = L.log || "Log";
-    const pre = document.createElement("pre");
-    pre.className = "log small";
-    pre.dataset.exportField = "log";
-    details.append(summary, pre);
-    li.append(name, " ", badge, output, error, download, details);
-    return li;
-  }
-
-  function anyExportActive() {
-    return !!exportsCard && !!exportsCard.querySelector('[data-export-status="pending"], [data-export-status="running"]');
-  }
-
-  function refreshExports() {
-    if (!exportsCard) return;
-    fetch(exportsCard.dataset.exportsUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (response) { return response.ok ? response.json() : []; })
-      .then(function (items) {
-        const list = exportsCard.querySelector("[data-exports]");
-        items.slice().reverse().forEach(function (data) {
-          let li = list.querySelector('[data-export-id="' + data.id + '"]');
-          if (!li) {
-            li = newExportItem(data);
-            list.insertBefore(li, list.firstChild);
-          }
-          renderExport(li, data);
+  function swapCards(html) {
+    const template = document.createElement("template");
+    template.innerHTML = html;
+    const fresh = template.content.querySelector("[data-cards]");
+    if (!fresh) return;
+    fresh.querySelectorAll("[data-card]").forEach(function (card) {
+      const old = root.querySelector('[data-card="' + card.dataset.card + '"]');
+      if (!old) return;
+      // Keep what the reader opened (an export's log, swift's last lines) open.
+      old.querySelectorAll("details[open][data-keep-open]").forEach(function (details) {
+        const again = card.querySelector('details[data-keep-open="' + details.dataset.keepOpen + '"]');
+        if (again) again.open = true;
+      });
+      card.querySelectorAll("[data-copy]").forEach(function (button) {
+        button.addEventListener("click", function () {
+          const target = document.querySelector(button.dataset.copy);
+          if (target && navigator.clipboard) navigator.clipboard.writeText(target.textContent);
         });
-        exportsCard.querySelector("[data-exports-empty]").hidden = items.length > 0;
-        scheduleExports();
-      })
-      .catch(scheduleExports);
+      });
+      old.replaceWith(card);
+    });
+    cardsRev = fresh.dataset.cardsRev || "";
+    root.dataset.cardsRev = cardsRev;
+    renderState();
   }
 
-  function scheduleExports() {
-    window.clearTimeout(exportsTimer);
-    if (anyExportActive()) exportsTimer = window.setTimeout(refreshExports, 2000);
+  function refreshCards() {
+    if (cardsBusy) { cardsAgain = true; return; }
+    if (wantedRev === cardsRev) return;
+    cardsBusy = true;
+    cardsAgain = false;
+    fetch(root.dataset.cardsUrl, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.text();
+      })
+      .then(function (html) {
+        cardsRetries = 0;
+        swapCards(html);
+      }, function () {
+        // Retried a few times; after that, the next change the socket announces fetches again.
+        if (cardsRetries < 3) {
+          cardsRetries += 1;
+          window.setTimeout(refreshCards, 2000 * cardsRetries);
+        }
+      })
+      .then(function () {
+        cardsBusy = false;
+        // A change announced while this fetch ran may be newer than what it brought.
+        if (cardsAgain) refreshCards();
+      });
   }
-  scheduleExports();
+
+  function cardsChanged(rev) {
+    wantedRev = rev;
+    refreshCards();
+  }
 
   // --- the socket --------------------------------------------------------------------------------------
   const socket = new FTP.LiveSocket(root.dataset.wsPath, {
@@ -328,11 +311,9 @@
       if (message.type !== "update") return;
       if (message.lines) addLines(message.lines);
       if (message.metrics) addMetrics(message.metrics);
-      if (message.events) {
-        addEvents(message.events);
-        if (message.events.some(function (e) { return String(e.kind).indexOf("export") !== -1; })) refreshExports();
-      }
+      if (message.events) addEvents(message.events);
       if (message.state) applyState(message.state);
+      if (message.cards) cardsChanged(message.cards);
     },
   });
   FTP.taskSocket = socket;

@@ -81,3 +81,28 @@ def gpu_request(gpu_config: Any) -> str:
     if gpu_config.get("count"):
         return _("%(n)s × GPU") % {"n": gpu_config["count"]}
     return _("default")
+
+
+#: How ``explain_failure`` introduces swift's own words after the plain reason.
+_SWIFT_WORDS = ("swift said:", "Last output:")
+
+
+def split_error(message: Any) -> tuple[str, str]:
+    """A task's ``error_message`` as (plain reason, what swift said): the runner writes
+    ``"<plain reason>\\nswift said: <last error line>"`` (or ``Last output:``); other messages are
+    all reason."""
+    lines = str(message or "").splitlines()
+    for i, line in enumerate(lines):
+        if i and line.startswith(_SWIFT_WORDS):
+            return "\n".join(lines[:i]).strip(), "\n".join(lines[i:]).strip()
+    return "\n".join(lines).strip(), ""
+
+
+@register.filter
+def error_reason(message: Any) -> str:
+    return split_error(message)[0]
+
+
+@register.filter
+def error_detail(message: Any) -> str:
+    return split_error(message)[1]

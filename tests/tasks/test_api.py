@@ -83,6 +83,8 @@ def test_a_hub_model_and_hub_datasets_pass_through(alice_api: APIClient) -> None
         ({"base_model": "/etc"}, "base_model"),
         ({"base_model": "../../etc"}, "base_model"),
         ({"base_model": "./models"}, "base_model"),
+        ({"base_model": "builtin:../x"}, "base_model"),
+        ({"base_model": "builtin:nope"}, "base_model"),
         ({"datasets": []}, "datasets"),
         ({"datasets": ["/etc/passwd"]}, "datasets"),
         ({"datasets": ["../../secret.jsonl"]}, "datasets"),
@@ -306,6 +308,45 @@ def test_presets_include_the_seeds_fixed_qwen_preset_exactly(alice_api: APIClien
         "warmup_ratio": 0.05, "dataloader_num_workers": 4, "model_author": "swift", "model_name": "swift-robot",
     }
     assert "cpu-smoke" in presets
+
+
+def test_an_unknown_builtin_model_is_a_400_that_names_the_known_ones(
+    alice_api: APIClient, local_model: Path, dataset: dict[str, Any]
+) -> None:
+    body = task_body(local_model, dataset["id"], base_model="builtin:../x")
+    response = alice_api.post("/api/finetuning/tasks/", body, format="json")
+    assert response.status_code == 400
+    assert response.json()["base_model"] == [
+        "'builtin:../x' is not a built-in model (built-in models: builtin:tiny-qwen2)"
+    ]
+
+
+def test_the_builtin_tiny_model_is_accepted_as_a_base_model(
+    alice_api: APIClient, local_model: Path, dataset: dict[str, Any], settings: Any
+) -> None:
+    response = alice_api.post("/api/finetuning/tasks/",
+                              task_body(local_model, dataset["id"], base_model="builtin:tiny-qwen2"), format="json")
+    assert response.status_code == 201, response.content
+    row = FinetuningTask.objects.get(pk=response.json()["id"])
+    assert row.base_model == "builtin:tiny-qwen2" and row.model_source == "local"
+    assert row.model_path == str(settings.BUILTIN_MODELS_DIR / "tiny-qwen2")
+
+
+def test_the_smoke_preset_needs_no_configuration_and_runs_automatically(
+    alice_api: APIClient, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    settings.FINETUNE_SMOKE_MODEL = ""
+    presets = {p["name"]: p for p in alice_api.get("/api/finetuning/presets/").json()["results"]}
+    smoke = presets["cpu-smoke"]
+    assert smoke["available"] is True and smoke["unavailable_reason"] == ""
+    assert smoke["base_model"] == "builtin:tiny-qwen2" and smoke["gpu_config"] == {}
+    assert smoke["title"].startswith("Smoke test") and "learns nothing useful" in smoke["description"]
+    with django_capture_on_commit_callbacks(execute=True):
+        response = alice_api.post("/api/finetuning/tasks/", {"preset": "cpu-smoke"}, format="json")
+    assert response.status_code == 201, response.content
+    row = FinetuningTask.objects.get(pk=response.json()["id"])
+    assert row.gpu_config == {} and row.training_args["model_type"] == "qwen2"
+    assert row.status == TaskStatus.QUEUED  # automatic: the CPU host's slot
 
 
 def test_creating_from_the_seed_preset_needs_only_its_name(alice_api: APIClient) -> None:

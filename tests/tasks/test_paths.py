@@ -178,6 +178,30 @@ def test_an_overlong_name_is_refused_with_a_path_error(root: Path) -> None:
     assert refusal("a" * 300) == "the model name is too long"
 
 
+# --- built-in models -------------------------------------------------------------------------------
+def test_a_builtin_model_resolves_to_its_folder_in_the_data_folder_before_it_is_built(
+    root: Path, settings: Any, tmp_path: Path
+) -> None:
+    settings.BUILTIN_MODELS_DIR = tmp_path / "builtin-models"
+    assert resolve_model(" builtin:tiny-qwen2 ") == ResolvedModel(
+        source="local", argument=str(tmp_path / "builtin-models" / "tiny-qwen2")
+    )
+    assert not (tmp_path / "builtin-models").exists()  # built at launch, not when a task is created
+
+
+@pytest.mark.parametrize(
+    "value", ["builtin:../x", "builtin:nope", "builtin:", "builtin:Tiny-Qwen2", "builtin:tiny-qwen2/../x",
+              "builtin:/etc"]
+)
+def test_an_unknown_builtin_model_is_refused_naming_the_known_ones(root: Path, value: str) -> None:
+    assert refusal(value) == f"{value!r} is not a built-in model (built-in models: builtin:tiny-qwen2)"
+
+
+def test_a_folder_named_like_a_builtin_model_in_a_root_does_not_shadow_it(root: Path, settings: Any) -> None:
+    make_model(root / "builtin:tiny-qwen2")
+    assert resolve_model("builtin:tiny-qwen2").argument == str(settings.BUILTIN_MODELS_DIR / "tiny-qwen2")
+
+
 # --- hub ids ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "value",

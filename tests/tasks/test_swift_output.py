@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tasks.swift_failures import explain_failure, last_error_line
 from tasks.swift_output import (
     MAX_LINE_CHARS,
     JsonlTail,
@@ -15,9 +18,7 @@ from tasks.swift_output import (
     LogSplitter,
     MetricPoint,
     checkpoint_saved,
-    explain_failure,
     interpret_logging_record,
-    last_error_line,
     parse_duration,
     split_glued,
 )
@@ -613,15 +614,17 @@ def test_a_cuda_out_of_memory_error_suggests_smaller_settings() -> None:
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
     ]
     assert explain_failure(lines, 1, offline=True) == (
-        "The GPU ran out of memory. Lower the batch size or max_length, or use QLoRA.\n"
+        "The GPU ran out of memory: it needed 2.00 GiB more. Lower per_device_train_batch_size (raise "
+        "gradient_accumulation_steps to keep the same effective batch) or max_length, turn on "
+        "gradient_checkpointing, or train with QLoRA.\n"
         "swift said: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
     )
 
 
 def test_a_plain_traceback_reports_the_exit_code_and_the_exception() -> None:
-    assert explain_failure(TRACEBACK, 1, offline=True) == (
-        "swift exited with code 1: ValueError: remaining_argv: ['--no_such_flag', '3']"
-    )
+    # TRACEBACK itself (remaining_argv) is explained in plain words now, see test_an_unknown_argument_…
+    lines = [*TRACEBACK[:-2], "    return batch['input_ids']", "KeyError: 'input_ids'"]
+    assert explain_failure(lines, 1, offline=True) == "swift exited with code 1: KeyError: 'input_ids'"
 
 
 def test_a_silent_failure_says_so() -> None:
@@ -640,3 +643,276 @@ def test_a_modelscope_dataset_download_deadline_is_a_hub_failure() -> None:
     message = explain_failure(lines, 1, offline=True)
     assert message.startswith("Could not download ")
     assert message.endswith(f"\nswift said: {lines[-1]}")
+
+
+# --- explain_failure on real swift output ---------------------------------------------------------
+# Recorded from ms-swift 4.6.0 (tests/fixtures/swift_outputs/README.md says how); cuda_out_of_memory.log
+# is written by hand. Each file starts with "# " header lines (provenance and exit code).
+SWIFT_OUTPUTS = Path(__file__).resolve().parents[1] / "fixtures" / "swift_outputs"
+RECORDED = sorted(path.stem for path in SWIFT_OUTPUTS.glob("*.log"))
+
+
+def recorded(case: str) -> tuple[list[str], int]:
+    """A recording as the runner sees it (split by LogSplitter, header dropped) and its exit code."""
+    raw = (SWIFT_OUTPUTS / f"{case}.log").read_bytes().splitlines(keepends=True)
+    header = b"".join(itertools.takewhile(lambda line: line.startswith(b"# "), raw))
+    exit_code = re.search(rb"exit code (\d+)", header)
+    assert exit_code, f"{case}.log names no exit code in its header"
+    splitter = LogSplitter()
+    lines = splitter.feed(b"".join(raw)[len(header) :]) + splitter.flush()
+    return lines, int(exit_code.group(1))
+
+
+def explain_recorded(case: str, *, offline: bool = True) -> tuple[str, str]:
+    """(plain reason, swift said line) for a recording."""
+    lines, exit_code = recorded(case)
+    reason, _, said = explain_failure(lines, exit_code, offline=offline).partition("\nswift said: ")
+    assert said == last_error_line(lines) or case == "cuda_out_of_memory"
+    return reason, said
+
+
+@pytest.mark.parametrize("case", RECORDED)
+def test_every_recorded_failure_gets_a_plain_reason_and_swifts_own_line(case: str) -> None:
+    lines, exit_code = recorded(case)
+    message = explain_failure(lines, exit_code, offline=True)
+    reason, said = message.split("\nswift said: ")
+    assert not reason.startswith("swift exited with code")
+    assert "\n" not in reason and said
+
+
+def test_all_rows_too_long_is_explained_with_the_numbers() -> None:
+    assert explain_recorded("all_rows_too_long") == (
+        "All 40 rows are longer than max_length=128 tokens and were dropped; raise max_length or shorten the rows.",
+        "TypeError: 'NoneType' object is not iterable",
+    )
+
+
+def test_all_rows_too_long_after_a_split_counts_training_and_validation_rows() -> None:
+    assert explain_recorded("all_rows_too_long_after_split")[0] == (
+        "All 40 rows (36 for training, 4 for validation) are longer than max_length=128 tokens and were dropped; "
+        "raise max_length or shorten the rows."
+    )
+
+
+def test_all_dpo_rows_too_long_is_explained_the_same_way() -> None:
+    assert explain_recorded("dpo_all_rows_too_long")[0] == (
+        "All 64 rows are longer than max_length=32 tokens and were dropped; raise max_length or shorten the rows."
+    )
+
+
+def test_the_reported_lines_are_explained_with_max_length_from_the_arguments_dump() -> None:
+    lines = [
+        "args: SftArguments(",
+        "generation_max_length=None,",
+        "max_length=128,",
+        "[INFO:swift] Dataset filtered, origin length: 40, filtered dataset length: 0",
+        "[INFO:swift] train_dataset: None",
+        "Traceback (most recent call last):",
+        "TypeError: 'NoneType' object is not iterable",
+    ]
+    assert explain_failure(lines, 1, offline=True) == (
+        "All 40 rows are longer than max_length=128 tokens and were dropped; raise max_length or shorten the rows.\n"
+        "swift said: TypeError: 'NoneType' object is not iterable"
+    )
+
+
+def test_without_any_max_length_value_the_reason_still_names_the_setting() -> None:
+    lines = [
+        "[INFO:swift] Dataset filtered, origin length: 7, filtered dataset length: 0",
+        "[INFO:swift] train_dataset: None",
+        "TypeError: 'NoneType' object is not iterable",
+    ]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "All 7 rows are longer than the max_length setting and were dropped; raise max_length or shorten the rows."
+    )
+
+
+def test_a_training_split_emptied_while_validation_rows_survive_counts_the_training_rows() -> None:
+    lines = [
+        "[INFO:swift] max_length: 512",
+        "[INFO:swift] Dataset filtered, origin length: 90, filtered dataset length: 0",
+        "[INFO:swift] Dataset filtered, origin length: 10, filtered dataset length: 3",
+        "[INFO:swift] train_dataset: None",
+        "TypeError: 'NoneType' object is not iterable",
+    ]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "All 90 training rows are longer than max_length=512 tokens and were dropped;"
+    )
+
+
+def test_rows_dropped_only_in_part_or_only_from_validation_are_not_blamed() -> None:
+    lines = [
+        "[INFO:swift] Dataset filtered, origin length: 64, filtered dataset length: 60",
+        "[INFO:swift] Dataset filtered, origin length: 4, filtered dataset length: 0",
+        "[INFO:swift] train_dataset: Dataset({",
+        "Traceback (most recent call last):",
+        "KeyError: 'labels'",
+    ]
+    assert explain_failure(lines, 1, offline=True) == "swift exited with code 1: KeyError: 'labels'"
+
+
+def test_rows_swift_could_not_read_are_explained_with_the_first_problem() -> None:
+    assert explain_recorded("all_rows_unreadable") == (
+        "All 40 rows were dropped because swift could not use them (first problem: AssertionError: message: "
+        "{'role': 'robot', 'content': 'beep 0'}); fix the rows or choose another dataset.",
+        "ZeroDivisionError: integer division or modulo by zero",
+    )
+
+
+def test_a_split_that_leaves_no_training_rows_says_so() -> None:
+    assert explain_recorded("split_leaves_no_training_rows") == (
+        "The dataset has too few rows to split off a validation set with split_dataset_ratio=0.1: no rows would "
+        "be left for training. Add rows, or set split_dataset_ratio to 0 (or turn evaluation off).",
+        "AssertionError",
+    )
+
+
+def test_a_missing_local_dataset_file_is_named() -> None:
+    assert explain_recorded("missing_local_dataset")[0] == (
+        "The dataset file $LAB/data/nope.jsonl does not exist on the server; upload the dataset again or choose "
+        "another one."
+    )
+
+
+def test_a_missing_local_model_folder_is_named() -> None:
+    assert explain_recorded("missing_local_model") == (
+        "The model folder $LAB/nomodel does not exist on the server; check the model path (a local model must be "
+        "a folder under an allowed model root).",
+        "ValueError: path: '$LAB/nomodel' not found",
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "name"),
+    [("hub_model_offline", "Qwen/Qwen2.5-0.5B-Instruct"), ("hub_dataset_offline", "AI-ModelScope/alpaca-gpt4-data-zh")],
+)
+def test_a_recorded_hub_id_while_offline_is_named(case: str, name: str) -> None:
+    assert explain_recorded(case)[0] == (
+        f"Could not download {name} from the model hub: this platform runs offline (FINETUNE_OFFLINE is on), "
+        "so nothing can be downloaded. Use a local model folder under an allowed model root, or upload the "
+        "dataset and use its id."
+    )
+
+
+def test_an_unmatched_model_type_asks_for_model_type_and_template_and_lists_the_candidates() -> None:
+    assert explain_recorded("model_type_not_matched")[0] == (
+        "swift cannot tell which model type the local model folder $LAB/tiny-qwen2 is: set model_type (e.g. qwen2) "
+        "and template in the training arguments. swift's candidates: qwen2, qwen2_gte."
+    )
+
+
+def test_an_unmatched_model_type_does_not_ask_for_a_template_already_given() -> None:
+    lines = [
+        "run sh: `python sft.py --model /m --template qwen2_5`",
+        "ValueError: Failed to automatically match `model_type` for `/m`. Multiple possible types found: "
+        "['qwen2', 'qwen2_gte']. Please specify `model_type` manually.",
+    ]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "swift cannot tell which model type the local model folder /m is: set model_type (e.g. qwen2) in the "
+        "training arguments."
+    )
+
+
+def test_an_unmatched_template_asks_for_a_template_and_lists_the_candidates() -> None:
+    assert explain_recorded("template_not_matched")[0] == (
+        "swift cannot tell which chat template the local model folder $LAB/tiny-qwen2 uses: set template "
+        "(e.g. qwen2_5) in the training arguments. swift's candidates: qwen, qwen2_5, qwen2_5_math, marco_o1, "
+        "qwq_preview, qwq, deepseek_r1."
+    )
+
+
+@pytest.mark.parametrize(("case", "setting"), [("unknown_model_type", "model_type"), ("unknown_template", "template")])
+def test_a_model_type_or_template_swift_does_not_know_is_named(case: str, setting: str) -> None:
+    assert explain_recorded(case)[0] == (
+        f"swift does not know the {setting} 'nope'; set {setting} to one that swift supports, or leave it empty "
+        "to let swift choose."
+    )
+
+
+def test_a_misspelt_model_type_gets_the_closest_known_ones() -> None:
+    lines = ["ValueError: model_type: 'qwen25' not in ['llama', 'qwen2', 'qwen2_5_vl', 'qwen3']"]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "swift does not know the model_type 'qwen25' (closest: qwen2, qwen2_5_vl, qwen3);"
+    )
+
+
+def test_a_model_type_transformers_does_not_know_is_explained() -> None:
+    assert explain_recorded("model_architecture_unknown_to_transformers")[0] == (
+        "The model folder's config.json says model type 'foo', which the installed transformers library does not "
+        "support, so the model cannot be loaded; use a model of a supported architecture."
+    )
+
+
+def test_an_unknown_argument_is_named_in_plain_words() -> None:
+    assert explain_recorded("unknown_argument") == (
+        "swift does not know the argument --no_such_flag; remove it from the training arguments or correct its "
+        "spelling.",
+        "ValueError: remaining_argv: ['--no_such_flag', '3']",
+    )
+    assert explain_failure(TRACEBACK, 1, offline=True).startswith("swift does not know the argument --no_such_flag;")
+
+
+def test_a_renamed_argument_names_its_new_name() -> None:
+    assert explain_recorded("renamed_argument")[0] == (
+        "swift does not know the argument --train_type (ms-swift 4 calls it --tuner_type); remove it from the "
+        "training arguments or correct its spelling."
+    )
+
+
+def test_several_unknown_arguments_are_all_named() -> None:
+    lines = ["ValueError: remaining_argv: ['--a', '1', '--b_c', 'x']"]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "swift does not know the arguments --a, --b_c; remove them from the training arguments or correct their "
+        "spelling."
+    )
+
+
+def test_an_invalid_argument_value_says_what_is_expected() -> None:
+    assert explain_recorded("invalid_argument_value") == (
+        "The training argument max_length must be a whole number, not 'abc'.",
+        "sft.py: error: argument --max_length/--max-length: invalid int value: 'abc'",
+    )
+
+
+def test_a_cuda_out_of_memory_transcript_reports_the_sizes_and_the_other_job() -> None:
+    lines, exit_code = recorded("cuda_out_of_memory")
+    message = explain_failure(lines, exit_code, offline=True)
+    reason, said = message.split("\nswift said: ")
+    assert reason == (
+        "The GPU ran out of memory: it needed 9.28 GiB more, but the GPU (79.19 GiB in total) had only 1.12 GiB "
+        "free, and other processes were using 31.40 GiB of it. Lower per_device_train_batch_size (raise "
+        "gradient_accumulation_steps to keep the same effective batch) or max_length, turn on "
+        "gradient_checkpointing, or train with QLoRA; and give the task a GPU that no other job is using."
+    )
+    assert said.startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 9.28 GiB.")
+
+
+def test_an_older_cuda_out_of_memory_message_reports_the_sizes() -> None:
+    lines = [
+        "Traceback (most recent call last):",
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.26 GiB (GPU 0; 6.00 GiB total capacity; "
+        "781.59 MiB already allocated; 3.03 GiB free; 1.24 GiB reserved in total by PyTorch)",
+    ]
+    assert explain_failure(lines, 1, offline=True).startswith(
+        "The GPU ran out of memory: it needed 2.26 GiB more, but the GPU (6.00 GiB in total) had only 3.03 GiB "
+        "free. Lower per_device_train_batch_size"
+    )
+
+
+def test_a_cuda_out_of_memory_under_torchrun_quotes_the_memory_error_not_the_launcher() -> None:
+    oom = "[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB."
+    lines = [
+        "Traceback (most recent call last):",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB.",
+        oom,
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+        "  exitcode  : 1 (pid: 4242)",
+    ]
+    reason, said = explain_failure(lines, 1, offline=True).split("\nswift said: ")
+    assert reason.startswith("The GPU ran out of memory: it needed 1.00 GiB more. ")
+    assert said == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB."
+
+
+def test_a_kill_by_signal_wins_over_earlier_hub_retries() -> None:
+    lines = ["modelscope_hub.errors.NetworkError: retry", f"\r{BAR_2}", "[INFO:swift] last words"]
+    assert explain_failure(lines, 247, offline=False).startswith("The training process was killed by SIGKILL")

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from tasks.models import FinetuningTask, TaskStatus
+from tasks import services
+from tasks.models import Dataset, FinetuningTask, TaskStatus
 
 ORIGIN = (b"origin", b"http://testserver")
+
+
+def login(user: User) -> Client:
+    """A page client with ``user`` logged in."""
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def alice_client(alice: User) -> Client:
+    return login(alice)
+
+
+@pytest.fixture
+def bob_client(bob: User) -> Client:
+    return login(bob)
+
+
+@pytest.fixture
+def staff_client(staff: User) -> Client:
+    return login(staff)
+
+
+@pytest.fixture
+def dataset(alice: User, data_files: dict[str, Path]) -> Dataset:
+    """Alice's uploaded dataset "colors" (64 rows in the messages format)."""
+    content = data_files["sft_messages"].read_bytes()
+    return services.dataset_create(owner=alice, upload=SimpleUploadedFile("colors.jsonl", content), name="colors")
 
 
 def session_cookie(user: User) -> str:

@@ -21,8 +21,8 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 
 from finetune_platform.asgi import application
-from tasks import consumers
-from tasks.models import FinetuningTask, TaskLogLine, TaskStatus
+from tasks import consumers, selectors
+from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
 from tasks.publisher import ProgressPublisher, publish_event, task_group
 from tasks.swift_output import MetricPoint
 from tests.conftest import REPO
@@ -167,6 +167,71 @@ async def test_events_and_the_final_status_arrive_live(
         got = await collect(comm, lambda g: g.state.get("status") == "completed" and g.events, got=got)
         assert got.events[-1]["kind"] == "completed" and got.state["progress"] == 100.0
         assert got.state["finished_at"] and got.state["is_active"] is False
+    finally:
+        await comm.disconnect()
+
+
+def card_revisions(got: Received) -> list[str]:
+    return [m["cards"] for m in got.messages if "cards" in m]
+
+
+async def test_the_cards_revision_comes_with_a_checkpoint_and_the_end_but_not_with_progress(
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
+) -> None:
+    comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
+    assert (await comm.connect())[0]
+    try:
+        got = await collect(comm, lambda g: g.state.get("status") == "running" and bool(card_revisions(g)))
+        first = await database_sync_to_async(selectors.task_cards_revision)(task=alice_task.pk)
+        assert card_revisions(got) == [first]  # what the page rendered, unless it changed since
+
+        # Progress and log lines leave the cards alone.
+        metric = MetricPoint(kind="train", step=3, max_steps=10, loss=2.3456, learning_rate=1e-4, epoch=0.3)
+        await database_sync_to_async(publish_lines)(alice_task.pk, ["one", "two"], metric)
+        got = await collect(comm, lambda g: g.state.get("progress") == 30.0 and len(g.seqs) == 2, got=got)
+        assert card_revisions(got) == [first]
+
+        def save_checkpoint() -> None:  # what the runner does when swift saves one
+            publisher = ProgressPublisher(FinetuningTask.objects.get(pk=alice_task.pk))
+            publisher.set(last_checkpoint="/out/checkpoint-3")
+            publisher.event("checkpoint", "Checkpoint saved: checkpoint-3", path="/out/checkpoint-3")
+
+        await database_sync_to_async(save_checkpoint)()
+        got = await collect(comm, lambda g: len(card_revisions(g)) == 2, got=got)
+
+        def complete() -> None:
+            FinetuningTask.objects.filter(pk=alice_task.pk).update(
+                status=TaskStatus.COMPLETED, progress=100.0, finished_at=timezone.now(), command=["swift", "sft"]
+            )
+            publish_event(FinetuningTask.objects.get(pk=alice_task.pk), "completed", "Completed")
+
+        await database_sync_to_async(complete)()
+        got = await collect(comm, lambda g: g.state.get("status") == "completed" and len(card_revisions(g)) == 3,
+                            got=got)
+        revisions = card_revisions(got)
+        assert len(set(revisions)) == 3
+        assert revisions[-1] == await database_sync_to_async(selectors.task_cards_revision)(task=alice_task.pk)
+        assert not card_revisions(await quiet(comm, 1.0))  # sent once per change
+    finally:
+        await comm.disconnect()
+
+
+async def test_an_exports_progress_reaches_the_page_by_the_recheck(
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0.3)
+    comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
+    assert (await comm.connect())[0]
+    try:
+        got = await collect(comm, lambda g: bool(card_revisions(g)))
+
+        def export_runs() -> None:  # a merge writes its status and log without an event
+            export = TaskExport.objects.create(task=alice_task, checkpoint="/out/checkpoint-3", step=3,
+                                               output_path="/out/checkpoint-3-merged")
+            TaskExport.objects.filter(pk=export.pk).update(status=ExportStatus.RUNNING, log_text="merging")
+
+        await database_sync_to_async(export_runs)()
+        got = await collect(comm, lambda g: len(card_revisions(g)) == 2, timeout=5, got=got)
     finally:
         await comm.disconnect()
 

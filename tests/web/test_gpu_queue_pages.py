@@ -24,27 +24,6 @@ from tests.conftest import announce_host
 pytestmark = pytest.mark.django_db
 
 
-def login(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def alice_client(alice: User) -> Client:
-    return login(alice)
-
-
-@pytest.fixture
-def bob_client(bob: User) -> Client:
-    return login(bob)
-
-
-@pytest.fixture
-def staff_client(staff: User) -> Client:
-    return login(staff)
-
-
 @pytest.fixture
 def waiting(make_task: Callable[..., FinetuningTask]) -> Callable[..., FinetuningTask]:
     """A task waiting in the queue (``pending``)."""

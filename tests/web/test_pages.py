@@ -3,6 +3,7 @@ CSRF on every POST, English and Chinese."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,35 +13,15 @@ from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
-from tasks import services
 from tasks.forms import TRANSLATABLE_TEXTS
-from tasks.models import Dataset, FinetuningTask, TaskStatus
+from tasks.models import Dataset, ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
 from tasks.presets import all_presets
-from tasks.templatetags.task_format import format_duration, format_significant
+from tasks.templatetags.task_format import format_duration, format_significant, split_error
 from tasks.training_args import TRAINING_ARGS
 
 PAGES = ["home", "task_list", "task_new", "dataset_list", "dataset_upload", "gpus", "queue", "deployments"]
-
-
-@pytest.fixture
-def alice_client(alice: User) -> Client:
-    client = Client()
-    client.force_login(alice)
-    return client
-
-
-@pytest.fixture
-def bob_client(bob: User) -> Client:
-    client = Client()
-    client.force_login(bob)
-    return client
-
-
-@pytest.fixture
-def dataset(alice: User, data_files: dict[str, Path]) -> Dataset:
-    content = data_files["sft_messages"].read_bytes()
-    return services.dataset_create(owner=alice, upload=SimpleUploadedFile("colors.jsonl", content), name="colors")
 
 
 # --- every page -------------------------------------------------------------------------------------
@@ -149,6 +130,129 @@ def test_bob_gets_404_on_every_page_of_alices_task(
     assert "colors" not in bob_client.get("/tasks/").content.decode()
     task.refresh_from_db()
     assert task.status == TaskStatus.RUNNING and task.stop_requested_at is None
+
+
+def cards_rev(html: str) -> str:
+    found = re.search(r'data-cards-rev="([0-9a-f]*)"', html)
+    assert found is not None, html[:2000]
+    return found.group(1)
+
+
+def card(html: str, name: str) -> str:
+    """The markup of one live card (``data-card="<name>"``) of a page or of the cards fragment."""
+    found = re.search(rf'<(section|div)[^>]*data-card="{name}".*?</\1>', html, re.S)
+    assert found is not None, f"no {name} card"
+    return found.group(0)
+
+
+def test_the_detail_page_names_uploaded_datasets_and_links_them(
+    alice: User, bob: User, alice_client: Client, dataset: Dataset, make_task: Callable[..., FinetuningTask]
+) -> None:
+    gone = Dataset.objects.create(owner=alice, name="old", original_filename="old.jsonl", path="/nowhere",
+                                  file_type="jsonl", format="messages", rows=1, size_bytes=1)
+    gone_id = gone.pk
+    gone.delete()
+    bobs = Dataset.objects.create(owner=bob, name="bobs secret", original_filename="b.jsonl", path="/nowhere",
+                                  file_type="jsonl", format="messages", rows=1, size_bytes=1)
+    task = make_task(alice, datasets=[dataset.pk, gone_id, bobs.pk, "AI-ModelScope/alpaca-gpt4-data-en#500",
+                                      "builtin:smoke_sft"])
+    details = card(alice_client.get(f"/tasks/{task.pk}/").content.decode(), "details")
+    assert f'<a href="/datasets/{dataset.pk}/" data-dataset-id="{dataset.pk}">colors</a>' in details
+    assert f"#{gone_id} (deleted)" in details
+    assert "bobs secret" not in details and f"#{bobs.pk} (deleted)" in details  # only the owner's datasets
+    assert "<code>AI-ModelScope/alpaca-gpt4-data-en#500</code>" in details
+    assert "<code>builtin:smoke_sft</code>" in details
+    assert 'Datasets</dt><dd data-field="datasets"><a' in details  # the name, no bare id before it
+
+
+def test_a_dataset_has_its_own_page_for_its_owner_only(
+    alice_client: Client, bob_client: Client, dataset: Dataset
+) -> None:
+    html = alice_client.get(f"/datasets/{dataset.pk}/").content.decode()
+    assert "colors" in html and "Chat messages" in html and "64" in html and "data-confirm=" in html
+    assert bob_client.get(f"/datasets/{dataset.pk}/").status_code == 404
+
+
+def test_the_live_cards_are_owner_only(
+    alice: User, bob_client: Client, client: Client, make_task: Callable[..., FinetuningTask]
+) -> None:
+    task = make_task(alice)
+    assert bob_client.get(f"/tasks/{task.pk}/cards/").status_code == 404
+    assert bob_client.get("/tasks/999999/cards/").status_code == 404
+    response = client.get(f"/tasks/{task.pk}/cards/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_the_cards_follow_a_task_to_its_end_with_checkpoints_command_and_exports(
+    alice: User, alice_client: Client, make_task: Callable[..., FinetuningTask], tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    task = make_task(alice, status=TaskStatus.QUEUED, output_path=str(output), train_type="lora")
+    page = alice_client.get(f"/tasks/{task.pk}/").content.decode()
+    assert f'data-cards-url="/tasks/{task.pk}/cards/"' in page
+    first = alice_client.get(f"/tasks/{task.pk}/cards/")
+    assert first.status_code == 200 and "no-store" in first.get("Cache-Control", "")
+    html = first.content.decode()
+    assert cards_rev(html) == cards_rev(page)  # the page and its fragment agree while nothing changes
+    assert "No checkpoint yet" in card(html, "checkpoints") and "Shown once the task starts" in card(html, "command")
+    assert 'data-field="error" hidden' in card(html, "alerts")
+
+    # The run: it starts on a host, saves checkpoints and completes.
+    for step in (2, 4):
+        folder = output / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / "adapter_config.json").write_text("{}")
+    FinetuningTask.objects.filter(pk=task.pk).update(
+        status=TaskStatus.COMPLETED, host="gpu-box-1", command=["swift", "sft", "--model", "m"],
+        last_checkpoint=str(output / "checkpoint-4"), progress=100.0, finished_at=timezone.now(),
+    )
+    html = alice_client.get(f"/tasks/{task.pk}/cards/").content.decode()
+    assert cards_rev(html) != cards_rev(page)
+    checkpoints = card(html, "checkpoints")
+    assert '<tr data-step="2">' in checkpoints and '<tr data-step="4">' in checkpoints
+    assert 'data-action="export"' in checkpoints and "No checkpoint yet" not in checkpoints
+    assert '<pre class="command" id="command">swift sft --model m</pre>' in card(html, "command")
+    details = card(html, "details")
+    assert "gpu-box-1" in details and f"{output}/checkpoint-4" in details
+    assert "No export yet" in card(html, "exports")
+
+    # An export's progress changes the revision too (it has no event while it runs).
+    export = TaskExport.objects.create(task=task, checkpoint=str(output / "checkpoint-4"), step=4,
+                                       output_path=str(output / "checkpoint-4-merged"))
+    with_export = alice_client.get(f"/tasks/{task.pk}/cards/").content.decode()
+    assert cards_rev(with_export) != cards_rev(html) and f'data-export-id="{export.pk}"' in with_export
+    TaskExport.objects.filter(pk=export.pk).update(status=ExportStatus.RUNNING, log_text="merging…")
+    running = alice_client.get(f"/tasks/{task.pk}/cards/").content.decode()
+    assert cards_rev(running) != cards_rev(with_export) and "merging…" in card(running, "exports")
+    # … while a reload renders the same cards (one rendering).
+    reloaded = alice_client.get(f"/tasks/{task.pk}/").content.decode()
+    assert cards_rev(reloaded) == cards_rev(running)
+    assert '<tr data-step="4">' in card(reloaded, "checkpoints") and "merging…" in card(reloaded, "exports")
+
+
+def test_a_failed_task_shows_the_plain_reason_and_keeps_swifts_last_lines_one_click_away(
+    alice: User, alice_client: Client, make_task: Callable[..., FinetuningTask]
+) -> None:
+    error = ("The GPU ran out of memory. Lower the batch size or max_length, or use QLoRA.\n"
+             "swift said: torch.OutOfMemoryError: CUDA out of memory")
+    task = make_task(alice, status=TaskStatus.FAILED, error_message=error, last_log_seq=50)
+    now = timezone.now()
+    TaskLogLine.objects.bulk_create(
+        [TaskLogLine(task=task, seq=i, text=f"output line {i}", created_at=now) for i in range(1, 51)]
+    )
+    for html in (alice_client.get(f"/tasks/{task.pk}/").content.decode(),
+                 alice_client.get(f"/tasks/{task.pk}/cards/").content.decode()):
+        alerts = card(html, "alerts")
+        reason = re.search(r'<p class="error-reason"[^>]*>(.*?)</p>', alerts, re.S)
+        assert reason is not None and reason.group(1) == error.splitlines()[0]
+        assert 'data-field="error"' in alerts and 'data-field="error" hidden' not in alerts
+        tail = re.search(r"<details[^>]*>.*?</details>", alerts, re.S)
+        assert tail is not None and "swift's last lines" in tail.group(0)
+        assert "swift said: torch.OutOfMemoryError: CUDA out of memory" in tail.group(0)
+        assert "output line 11\n" in tail.group(0) and "output line 50" in tail.group(0)
+        assert "output line 10\n" not in tail.group(0)
 
 
 def test_bob_cannot_delete_alices_dataset(bob_client: Client, dataset: Dataset) -> None:
@@ -264,19 +368,20 @@ def test_a_form_without_datasets_says_so(alice_client: Client, dataset: Dataset,
     assert response.status_code == 400 and "datasets" in response.context["form"].errors
 
 
-def test_the_smoke_preset_needs_only_a_click(alice_client: Client, local_model: Path, settings: Any) -> None:
-    settings.FINETUNE_SMOKE_MODEL = str(local_model)
+def test_the_smoke_preset_needs_only_a_click(alice_client: Client, cpu_host: Any, settings: Any) -> None:
+    settings.FINETUNE_SMOKE_MODEL = ""  # nothing configured: the built-in tiny model
     body = {
         "mode": "preset",
         "preset_name": "cpu-smoke",
         "preset-cpu-smoke-preset": "cpu-smoke",
-        "preset-cpu-smoke-gpu_mode": "cpu",
+        "preset-cpu-smoke-gpu_mode": "auto",  # the form's default
         "preset-cpu-smoke-output_name": "smoke-v1",
     }
     response = alice_client.post("/tasks/new/", body)
     assert response.status_code == 302
     task = FinetuningTask.objects.get()
-    assert task.preset == "cpu-smoke" and task.output_name == "smoke-v1" and task.gpu_config == {"cpu": True}
+    assert task.preset == "cpu-smoke" and task.output_name == "smoke-v1" and task.gpu_config == {}
+    assert task.base_model == "builtin:tiny-qwen2" and task.model_source == "local"
 
 
 def test_the_seed_preset_needs_a_gpu_choice_and_an_output_name(alice_client: Client, db: None) -> None:
@@ -295,11 +400,15 @@ def test_the_seed_preset_needs_a_gpu_choice_and_an_output_name(alice_client: Cli
     assert task.output_name == "llm_test" and task.training_args["lora_rank"] == 8
 
 
-def test_an_unavailable_preset_is_explained_not_offered(alice_client: Client, settings: Any) -> None:
+def test_the_smoke_preset_is_offered_with_no_configuration_and_says_it_is_a_smoke_test(
+    alice_client: Client, settings: Any
+) -> None:
     settings.FINETUNE_SMOKE_MODEL = ""
     html = alice_client.get("/tasks/new/").content.decode()
-    assert "no smoke model configured" in html
-    assert 'name="preset-cpu-smoke-preset"' not in html
+    assert "no smoke model configured" not in html
+    assert 'name="preset-cpu-smoke-preset"' in html
+    assert "Smoke test: check this installation" in html and "The model learns nothing useful." in html
+    assert "<code>builtin:tiny-qwen2</code>" in html
 
 
 def test_a_preset_can_prefill_the_custom_form(alice_client: Client, db: None) -> None:
@@ -343,6 +452,19 @@ def test_deleting_a_dataset_asks_first_and_removes_it(alice_client: Client, data
 )
 def test_durations_read_like_a_person_wrote_them(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "detail"),
+    [
+        ("Could not download x.\nswift said: OSError: boom", "Could not download x.", "swift said: OSError: boom"),
+        ("Killed by SIGKILL.\nLast output: step 3", "Killed by SIGKILL.", "Last output: step 3"),
+        ("swift exited with code 1: ValueError: bad", "swift exited with code 1: ValueError: bad", ""),
+        ("", "", ""),
+    ],
+)
+def test_an_error_splits_into_the_plain_reason_and_what_swift_said(message: str, reason: str, detail: str) -> None:
+    assert split_error(message) == (reason, detail)
 
 
 def test_losses_have_four_significant_digits() -> None:

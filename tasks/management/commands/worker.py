@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
+import psutil
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django_q.cluster import Cluster
@@ -24,8 +28,13 @@ from django_q.models import Schedule
 from deployments.runner import reconcile_host as reconcile_deployments
 from gpus.inventory import discover
 from gpus.services import default_cpu_slots
+from tasks.process import stop_group, worker_shutdown_begin, worker_shutdown_prepare
 from tasks.runner import reconcile_host
 from tasks.scheduler import dispatch_pending
+
+#: How long the cluster may take to stop in order (runners stop their swift groups within
+#: SHUTDOWN_GRACE_SECONDS and record why) before whatever is left is killed.
+_SHUTDOWN_SECONDS = 15.0
 
 
 def _stop(agent: subprocess.Popen[bytes]) -> None:
@@ -38,10 +47,63 @@ def _stop(agent: subprocess.Popen[bytes]) -> None:
             agent.kill()
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT, any number of them, only raise a flag that the main loop reads.
+
+    django-q2's ``Cluster.sig_handler`` stops the cluster inside the handler; a second signal arriving
+    while the first handler holds a multiprocessing lock re-enters it and deadlocks the worker for
+    good (the process-group signal plus the one from a launcher are enough)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.install()
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        self.received += 1
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_leftovers(known: dict[int, psutil.Process]) -> list[int]:
+    """Kill every process this worker started that is still alive: a swift group as a group (it leads
+    a session of its own), anything else alone. ``is_running`` compares start times, so a recycled pid
+    is never touched."""
+    killed: list[int] = []
+    for pid, proc in {**known, **_descendants()}.items():
+        try:
+            if not _alive(proc):
+                continue
+            if os.getsid(pid) == pid:
+                stop_group(pid, grace=1.0)
+            else:
+                proc.kill()
+            killed.append(pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return killed
+
+
 class Command(BaseCommand):
     help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        stop = _StopSignals()
         # The GPU agent runs as its own process (not a thread: django-q2 forks its workers).
         agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid())],
                                  cwd=settings.BASE_DIR)
@@ -66,10 +128,46 @@ class Command(BaseCommand):
         self.stdout.write(f"Worker for host {settings.FINETUNE_HOST}: queue {queue}, {Conf.WORKERS} processes")
         dispatch_pending()
         settings.SECRET_KEY  # noqa: B018 - fail here, not in a forked process, if it is missing
-        cluster = Cluster()  # handles SIGTERM/SIGINT: stops its workers in order
+        worker_shutdown_prepare()  # before the cluster forks: every worker process shares the flag
+        cluster = Cluster()
+        stop.install()  # after Cluster(), which installs its re-entrant handlers
+        known: dict[int, psutil.Process] = {}
         try:
-            cluster.start()  # returns once the sentinel process runs the cluster
-            if cluster.sentinel is not None:
-                cluster.sentinel.join()  # until the cluster stops
+            if not stop.received:
+                cluster.start()  # returns once the sentinel process runs the cluster
+            beat = 0
+            while not stop.received and cluster.sentinel is not None and cluster.sentinel.is_alive():
+                cluster.sentinel.join(0.5)
+                beat += 1
+                if beat % 4 == 0:  # remembered: a process orphaned later (group signal) is still ours
+                    known.update(_descendants())
         finally:
-            _stop(agent)
+            self.shut_down(cluster, known, agent)
+
+    def shut_down(self, cluster: Cluster, known: dict[int, psutil.Process], agent: subprocess.Popen[bytes]) -> None:
+        """Stop in order: runners stop their swift groups and record why, the cluster stops its
+        processes, and whatever is left after ``_SHUTDOWN_SECONDS`` is killed."""
+        self.stdout.write(f"Worker for host {settings.FINETUNE_HOST}: stopping")
+        known.update(_descendants())
+        worker_shutdown_begin()
+        if cluster.stop_event is not None:
+            # The sentinel stops its pusher, workers and monitor. From a thread: Event.set() waits for
+            # the sentinel's acknowledgement, forever if the sentinel was killed while waiting on it.
+            threading.Thread(target=cluster.stop_event.set, name="stop-cluster", daemon=True).start()
+        sentinel = cluster.sentinel
+        deadline = time.monotonic() + _SHUTDOWN_SECONDS
+        # Wait for the sentinel and for every process it ever had: after a signal to the whole group
+        # the sentinel is gone at once, while its orphaned runners still stop their swift groups.
+        while time.monotonic() < deadline:
+            known.update(_descendants())
+            if sentinel is not None and sentinel.is_alive():
+                sentinel.join(0.2)
+            elif any(_alive(p) for pid, p in known.items() if pid != agent.pid):
+                time.sleep(0.2)
+            else:
+                break
+        _stop(agent)
+        killed = _kill_leftovers(known)
+        if killed:
+            self.stdout.write(f"Killed {len(killed)} process(es) that did not stop in time: {killed}")
+        self.stdout.write(f"Worker for host {settings.FINETUNE_HOST}: stopped")
