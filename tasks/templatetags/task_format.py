@@ -71,16 +71,16 @@ def percent(value: Any) -> str:
 
 @register.filter
 def gpu_request(gpu_config: Any) -> str:
-    """What a task asked for: ``CPU``, ``GPU 0,1`` or ``2 × GPU``."""
+    """What a task asked for: ``Automatic``, ``CPU``, ``GPU 0,1`` or ``2 × GPU``."""
     if not isinstance(gpu_config, dict) or not gpu_config:
-        return _("default")
+        return _("Automatic")
     if gpu_config.get("cpu"):
         return _("CPU")
     if gpu_config.get("devices"):
         return _("GPU %(devices)s") % {"devices": gpu_config["devices"]}
     if gpu_config.get("count"):
         return _("%(n)s × GPU") % {"n": gpu_config["count"]}
-    return _("default")
+    return _("Automatic")
 
 
 #: How ``explain_failure`` introduces swift's own words after the plain reason.

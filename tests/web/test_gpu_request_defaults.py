@@ -105,3 +105,12 @@ def test_the_deployment_form_defaults_to_automatic(alice: User, alice_client: Cl
                                                    "backend": "transformers", "gpu_mode": "auto"})
     assert response.status_code == 302
     assert Deployment.objects.get().gpu_config == {}
+
+
+def test_a_gpu_request_reads_in_words_on_the_pages() -> None:
+    from tasks.templatetags.task_format import gpu_request
+
+    assert gpu_request({}) == "Automatic"
+    assert gpu_request({"cpu": True}) == "CPU"
+    assert gpu_request({"devices": "0,1"}) == "GPU 0,1"
+    assert gpu_request({"count": 2}) == "2 × GPU"
