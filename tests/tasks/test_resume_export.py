@@ -134,7 +134,11 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_the_steps_it_had_logged_a
     fake_swift: Callable[..., None], make_task: Callable[..., FinetuningTask], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_swift(step_seconds=0.15)
-    task = make_task(training_args={**ARGS, "max_steps": 30, "save_steps": 4})
+    # A checkpoint every 10 steps (1.5 s) and the stop asked for at step 12 or later: the stop (checked
+    # every 0.5 s) lands well before checkpoint-20, so steps after the last checkpoint were logged.
+    # (With a checkpoint every 4 steps, a stop under load could land right on one.)
+    task = make_task(training_args={**ARGS, "max_steps": 30, "save_steps": 10})
+
     def supervise() -> None:
         try:
             run_task(task.pk)
@@ -143,7 +147,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_the_steps_it_had_logged_a
 
     thread = threading.Thread(target=supervise)
     thread.start()
-    wait_for(lambda: FinetuningTask.objects.filter(pk=task.pk, current_step__gte=6).exclude(last_checkpoint="")
+    wait_for(lambda: FinetuningTask.objects.filter(pk=task.pk, current_step__gte=12).exclude(last_checkpoint="")
              .exists(), timeout=30)
     services.finetuning_task_stop(task=task)
     thread.join(timeout=30)
