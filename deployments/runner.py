@@ -21,12 +21,15 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, transaction
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from deployments.command import HOST, build_argv, build_env, redact
@@ -43,6 +46,7 @@ from tasks.process import (
     supervision_lost,
     worker_shutting_down,
 )
+from tasks.publisher import Backoff, database_failed, retry_database
 from tasks.swift_failures import last_error_line
 from tasks.swift_output import LogSplitter
 
@@ -61,7 +65,7 @@ def claim(deployment_id: int) -> bool:
         pk=deployment_id, status=DeploymentStatus.PENDING, host=settings.FINETUNE_HOST,
         stop_requested_at__isnull=True,
     ).update(
-        status=DeploymentStatus.STARTING, started_at=now, heartbeat_at=now, runner_pid=os.getpid(),
+        status=DeploymentStatus.STARTING, started_at=now, heartbeat_at=Now(), runner_pid=os.getpid(),
         ready_at=None, stopped_at=None, exit_code=None, error_message="", pid=None, process_started=None,
     ) == 1
 
@@ -94,6 +98,7 @@ class DeploymentRun:
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
         self.log = DeploymentLog(deployment)
+        self.db = Backoff()  # a database outage pauses the stored log and the checks, never the server
         self.splitter = LogSplitter()
         self.tail_lines: deque[str] = deque(maxlen=400)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,7 +149,9 @@ class DeploymentRun:
             started = psutil.Process(self.proc.pid).create_time()
         except psutil.NoSuchProcess:
             started = None
-        Deployment.objects.filter(pk=deployment.pk).update(pid=self.proc.pid, process_started=started)
+        pid = self.proc.pid
+        retry_database(lambda: Deployment.objects.filter(pk=deployment.pk).update(pid=pid, process_started=started),
+                       what=f"Recording the process of deployment {deployment.pk}", backoff=self.db)
         deployment.pid, deployment.process_started = self.proc.pid, started
         self.supervise()
 
@@ -155,21 +162,22 @@ class DeploymentRun:
         last_check = last_heartbeat = last_probe = 0.0
         while True:
             self.read_output()
-            self.log.flush()
+            self.tolerating_outages(self.log.flush, "Storing the log")
             now = time.monotonic()
             if now - last_check >= 0.5:
                 last_check = now
-                self.check_stop_request()
+                self.tolerating_outages(self.check_stop_request, "Checking for a stop request")
             if now - last_heartbeat >= settings.FINETUNE_HEARTBEAT_SECONDS:
                 last_heartbeat = now
                 self.heartbeat()
             if not self.ready and self.stop_signalled_at is None:
                 if self.bound_port is not None and now - last_probe >= 0.2:
                     last_probe = now
-                    self.probe()
+                    self.tolerating_outages(self.probe, "Checking readiness")
                 elif now > ready_by:
-                    self.fail_now(f"The model server did not become ready within "
-                                  f"{settings.FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS:g} s.")
+                    self.tolerating_outages(lambda: self.fail_now(
+                        f"The model server did not become ready within "
+                        f"{settings.FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS:g} s."), "Failing")
             if self.stop_signalled_at is not None and not self.killed:
                 if now - self.stop_signalled_at >= self.grace:
                     signal_group(self.proc.pid, signal.SIGKILL)
@@ -183,6 +191,19 @@ class DeploymentRun:
         stop_group(self.proc.pid, grace=min(5.0, settings.FINETUNE_STOP_GRACE_SECONDS))
         self.read_output(final=True)
         self.conclude(self.proc.returncode)
+
+    def tolerating_outages(self, step: Callable[[], None], what: str) -> None:
+        """One database-touching step of the loop: while the database is away it is skipped (tried
+        again after a backoff) instead of taking the model server down. A log flush that fails loses
+        its lines from the stored log (the log file keeps them)."""
+        if not self.db.ready():
+            return
+        try:
+            step()
+        except DatabaseError as exc:
+            database_failed(exc, what=f"{what} of deployment {self.deployment.pk}", backoff=self.db)
+            return
+        self.db.succeeded()
 
     # --- output -----------------------------------------------------------------------------
     def read_output(self, *, final: bool = False) -> None:
@@ -236,7 +257,7 @@ class DeploymentRun:
             return
         now = timezone.now()
         if Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.STARTING).update(
-            status=DeploymentStatus.RUNNING, ready_at=now, port=port, heartbeat_at=now
+            status=DeploymentStatus.RUNNING, ready_at=now, port=port, heartbeat_at=Now()
         ):
             self.ready = True
             deployment.status, deployment.ready_at = DeploymentStatus.RUNNING, now
@@ -271,7 +292,8 @@ class DeploymentRun:
 
     def heartbeat(self) -> None:
         try:
-            Deployment.objects.filter(pk=self.deployment.pk).update(heartbeat_at=timezone.now())
+            # The database's clock, which every reconciler compares with (never this host's).
+            Deployment.objects.filter(pk=self.deployment.pk).update(heartbeat_at=Now())
         except Exception:  # noqa: BLE001 - a database hiccup must not take the model down
             logger.warning("heartbeat for deployment %s failed; reconnecting", self.deployment.pk, exc_info=True)
             close_old_connections()
@@ -295,7 +317,9 @@ class DeploymentRun:
             self.log.flush(force=True)
         except Exception:  # noqa: BLE001 - the row may be gone (deleted); the ending matters more
             logger.warning("could not store the last log lines of deployment %s", self.deployment.pk, exc_info=True)
-        deployment_finish(deployment=self.deployment, status=status, error=error, exit_code=exit_code)
+        retry_database(lambda: deployment_finish(deployment=self.deployment, status=status, error=error,
+                                                 exit_code=exit_code),
+                       what=f"Finishing deployment {self.deployment.pk} ({status})", backoff=self.db)
 
     def kill(self) -> None:
         """Leave no process of the group alive (used on every exit path)."""
@@ -339,6 +363,7 @@ def reconcile_host(*, host: str | None = None) -> list[int]:
     pending deployment placed on a host that went silent before claiming it goes back to the queue.
     Returns the ids marked failed.
     """
+
     from deployments.services import deployment_finish
     from gpus.models import Host
     from gpus.services import reservations_release
@@ -346,9 +371,12 @@ def reconcile_host(*, host: str | None = None) -> list[int]:
 
     host = host or settings.FINETUNE_HOST
     failed: list[int] = []
-    for deployment in Deployment.objects.filter(status__in=[DeploymentStatus.STARTING, DeploymentStatus.RUNNING]):
+    active = Deployment.objects.filter(status__in=[DeploymentStatus.STARTING, DeploymentStatus.RUNNING])
+    # Silence by the database's clock, never this host's: heartbeats are stamped with it too.
+    for deployment in active.annotate(silent_for=Now() - F("heartbeat_at")):
         lost = supervision_lost(
-            holder_host=deployment.host, runner_pid=deployment.runner_pid, heartbeat_at=deployment.heartbeat_at,
+            holder_host=deployment.host, runner_pid=deployment.runner_pid, claimed_at=deployment.started_at,
+            silent_for=float("inf") if deployment.silent_for is None else deployment.silent_for.total_seconds(),
             pid=deployment.pid, process_started=deployment.process_started, this_host=host,
             stale_after=settings.FINETUNE_LOST_AFTER_SECONDS,
         )

@@ -18,14 +18,20 @@ class GpuInline(admin.TabularInline):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ["name", "gpu_backend", "cpu_slots", "enabled", "last_seen_at", "gpu_error"]
+    list_display = ["name", "gpu_backend", "cpu_slots", "enabled", "last_seen_at", "agent_machine", "gpu_error"]
     list_filter = ["enabled", "gpu_backend"]
-    search_fields = ["name"]
-    readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "created_at"]
+    search_fields = ["name", "agent_machine"]
+    readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "agent_instance", "agent_pid",
+                       "agent_machine", "agent_boot", "agent_started_at", "created_at"]
     inlines = [GpuInline]
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
+        if change:
+            # Only what the form changed: the agent (last_seen_at) and a starting worker (its claim)
+            # write this row concurrently, and a full save would put back the values read before.
+            obj.save(update_fields=form.changed_data)
+        else:
+            super().save_model(request, obj, form, change)
         if obj.enabled and "enabled" in form.changed_data:
             from tasks.scheduler import dispatch_on_commit
 

@@ -11,15 +11,35 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.utils import timezone
+from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 
+def stale_after() -> timedelta:
+    return timedelta(seconds=settings.FINETUNE_HOST_STALE_SECONDS)
+
+
 class HostQuerySet(models.QuerySet):
+    """Liveness is measured with the database's clock (``Now()``), never a host's own: every host
+    writes ``last_seen_at`` and compares against it with the same clock, so skew between hosts or a
+    clock step on one of them does not make a healthy host look silent."""
+
     def live(self) -> HostQuerySet:
         """Hosts whose worker reported recently (others take no new work)."""
-        cutoff = timezone.now() - timedelta(seconds=settings.FINETUNE_HOST_STALE_SECONDS)
-        return self.filter(last_seen_at__gte=cutoff)
+        return self.filter(last_seen_at__gte=Now() - stale_after())
+
+    def with_silence(self) -> HostQuerySet:
+        """Annotate ``silent_for``: how long ago the host last reported, by the database's clock
+        (``None`` if it never did); :attr:`Host.is_live` and :attr:`Host.silent_seconds` read it."""
+        return self.annotate(silent_for=_since("last_seen_at"))
+
+    def with_worker_age(self) -> HostQuerySet:
+        """Annotate ``silent_for`` and ``worker_for`` (how long ago its worker took the name)."""
+        return self.with_silence().annotate(worker_for=_since("agent_started_at"))
+
+
+def _since(field: str) -> models.Expression:
+    return models.ExpressionWrapper(Now() - models.F(field), output_field=models.DurationField())
 
 
 class Host(models.Model):
@@ -31,6 +51,23 @@ class Host(models.Model):
     cpu_slots = models.PositiveSmallIntegerField(_("CPU slots"), default=0)
     enabled = models.BooleanField(_("enabled"), default=True, help_text=_("A disabled host takes no new work."))
     last_seen_at = models.DateTimeField(_("last seen"), null=True, blank=True)
+    # The worker that announces this host (``gpus.services.host_claim``): a second live worker with
+    # the same name refuses to start instead of failing this one's tasks.
+    agent_instance = models.CharField(
+        _("worker instance"), max_length=32, blank=True,
+        help_text=_("Random id of the worker announcing this host; empty after a clean stop."),
+    )
+    agent_pid = models.PositiveIntegerField(_("worker pid"), null=True, blank=True)
+    agent_machine = models.CharField(_("worker machine"), max_length=255, blank=True,
+                                     help_text=_("The machine's own host name (not FINETUNE_HOST)."))
+    agent_boot = models.CharField(
+        _("worker boot and pid namespace"), max_length=128, blank=True,
+        help_text=_("Tells a restart on the same machine whether the recorded pid is that worker's."),
+    )
+    agent_started_at = models.DateTimeField(
+        _("worker started"), null=True, blank=True,
+        help_text=_("When that worker took the name (database clock); it counts as live from then on."),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = HostQuerySet.as_manager()
@@ -42,10 +79,19 @@ class Host(models.Model):
         return self.name
 
     @property
+    def silent_seconds(self) -> float | None:
+        """Seconds since the host last reported, by the database's clock; ``None`` if it never did.
+        Read from the ``with_silence()`` annotation, else asked of the database (one query)."""
+        if "silent_for" not in self.__dict__:
+            silence = Host.objects.with_silence().filter(pk=self.pk).values_list("silent_for", flat=True)
+            self.silent_for = silence.first()
+        silent_for: timedelta | None = self.silent_for
+        return None if silent_for is None else silent_for.total_seconds()
+
+    @property
     def is_live(self) -> bool:
-        if self.last_seen_at is None:
-            return False
-        return timezone.now() - self.last_seen_at < timedelta(seconds=settings.FINETUNE_HOST_STALE_SECONDS)
+        silent = self.silent_seconds
+        return silent is not None and silent < settings.FINETUNE_HOST_STALE_SECONDS
 
 
 class Gpu(models.Model):

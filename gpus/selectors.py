@@ -16,17 +16,19 @@ from gpus.models import Gpu, Host, Reservation
 
 
 def gpu_list() -> QuerySet[Gpu]:
+    # The host through a prefetch (one query), not a join: its liveness comes from the database's clock.
     return (
-        Gpu.objects.select_related("host")
-        .prefetch_related(
-            Prefetch("reservations", queryset=Reservation.objects.select_related("task", "deployment"))
+        Gpu.objects.prefetch_related(
+            Prefetch("host", queryset=Host.objects.with_silence()),
+            Prefetch("reservations", queryset=Reservation.objects.select_related("task", "deployment")),
         )
         .order_by("host__name", "index")
     )
 
 
 def host_list() -> QuerySet[Host]:
-    return Host.objects.order_by("name")
+    """Every host, with how long it has been silent by the database's clock (``is_live``)."""
+    return Host.objects.with_silence().order_by("name")
 
 
 def gpu_state(gpu: Gpu) -> str:
@@ -157,7 +159,6 @@ def _gpu_payload(gpu: Gpu, user: Any) -> dict[str, Any]:
 
 def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
     """Every host (by name) with its GPUs (by index), their state and holder, and its CPU slots."""
-    now = timezone.now()
     by_host: dict[int, list[Gpu]] = {}
     for gpu in gpu_list():
         by_host.setdefault(gpu.host_id, []).append(gpu)
@@ -180,7 +181,7 @@ def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
             "live": host.is_live,
             "enabled": host.enabled,
             "last_seen": host.last_seen_at,
-            "seen_seconds_ago": round((now - host.last_seen_at).total_seconds()) if host.last_seen_at else None,
+            "seen_seconds_ago": max(0, round(host.silent_seconds)) if host.silent_seconds is not None else None,
             "backend": host.gpu_backend,
             "error": host.gpu_error,
             "cpu_slots": slots,

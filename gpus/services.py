@@ -3,15 +3,105 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import psutil
 from django.conf import settings
 from django.db import models, transaction
-from django.utils import timezone
+from django.db.models.functions import Now
 
 from gpus.inventory import Discovery
-from gpus.models import Gpu, Host, Reservation
+from gpus.models import Gpu, Host, Reservation, stale_after
 
 logger = logging.getLogger(__name__)
+
+
+class HostNameInUse(Exception):
+    """Another live worker announces this host name (``FINETUNE_HOST`` is not unique)."""
+
+
+def _boot_and_pid_namespace() -> str:
+    """This kernel boot and pid namespace: two processes with the same value see the same pids, so
+    a restart can tell that a pid recorded by its predecessor is gone. Empty where unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who announces a host: a random id per worker start, with its pid and machine for the message
+    a second worker of the same name gets."""
+
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
+    pid: int = field(default_factory=os.getpid)
+    machine: str = field(default_factory=socket.gethostname)
+    boot: str = field(default_factory=_boot_and_pid_namespace)
+
+
+def _in_use_message(name: str, holder: dict[str, Any]) -> str:
+    seen, started = holder["silent_for"], holder["worker_for"]
+    if seen is not None and (started is None or seen <= started):
+        when = f"last seen {max(0, round(seen.total_seconds()))} s ago"
+    elif started is not None:  # its agent has not reported yet
+        when = f"started {max(0, round(started.total_seconds()))} s ago"
+    else:
+        when = "never seen"
+    return (f"Host name {name!r} is already in use by a live worker (pid {holder['agent_pid'] or '?'} on "
+            f"{holder['agent_machine'] or '?'}, {when}). Set FINETUNE_HOST to a unique name for this host, "
+            "or stop the other worker.")
+
+
+def _holder(**lookup: Any) -> dict[str, Any]:
+    return Host.objects.with_worker_age().filter(**lookup).values(
+        "agent_instance", "agent_pid", "agent_machine", "agent_boot", "silent_for", "worker_for"
+    ).get()
+
+
+def host_claim(*, name: str, me: WorkerIdentity) -> None:
+    """Take the host name ``name`` for the worker ``me`` before it touches anything of that host.
+
+    The name is free when no worker holds it (never announced, or cleanly stopped), when its holder
+    is not live (neither it took the name nor its agent reported within ``FINETUNE_HOST_STALE_SECONDS``,
+    by the database's clock), or when its holder ran on this machine and its pid is gone (a crash
+    followed by an immediate restart). Otherwise raises :class:`HostNameInUse`: two workers with one
+    name would fail each other's tasks. The claim is a conditional update stamped ``Now()``, so of two
+    workers starting at once exactly one gets the name. It leaves ``last_seen_at`` alone: the host
+    takes work once its agent has announced what it has.
+    """
+    claim = {"agent_instance": me.instance, "agent_pid": me.pid, "agent_machine": me.machine[:255],
+             "agent_boot": me.boot[:128], "agent_started_at": Now()}
+    Host.objects.get_or_create(name=name)
+    window = Now() - stale_after()
+    silent = ((models.Q(last_seen_at__isnull=True) | models.Q(last_seen_at__lt=window))
+              & (models.Q(agent_started_at__isnull=True) | models.Q(agent_started_at__lt=window)))
+    free = models.Q(agent_instance="") | models.Q(agent_instance=me.instance) | silent
+    if Host.objects.filter(free, name=name).update(**claim):
+        return
+    holder = _holder(name=name)
+    pid = holder["agent_pid"]
+    predecessor_gone = bool(me.boot) and holder["agent_boot"] == me.boot and (
+        not pid or pid == me.pid or not psutil.pid_exists(pid)
+    )
+    # Conditional on the holder read above: a worker that claimed in between keeps the name.
+    if predecessor_gone and Host.objects.filter(name=name, agent_instance=holder["agent_instance"]).update(**claim):
+        logger.info("host %s: worker pid %s on this machine is gone; taking over its name", name, pid)
+        return
+    raise HostNameInUse(_in_use_message(name, holder))
+
+
+def host_release(*, name: str, instance: str) -> bool:
+    """A cleanly stopping worker gives its host name back, so a restart is accepted at once."""
+    return bool(Host.objects.filter(name=name, agent_instance=instance).update(
+        agent_instance="", agent_pid=None, agent_boot="", agent_started_at=None
+    ))
 
 
 def default_cpu_slots(discovery: Discovery) -> int:
@@ -21,18 +111,21 @@ def default_cpu_slots(discovery: Discovery) -> int:
     return 0 if discovery.gpus else 1
 
 
-def host_announce(*, name: str, discovery: Discovery, cpu_slots: int) -> bool:
-    """Record what a host's agent discovered. Returns True when capacity appeared (the host was
-    new or came back, or a GPU appeared), which is a reason to dispatch."""
-    now = timezone.now()
+def host_announce(*, name: str, discovery: Discovery, cpu_slots: int, instance: str | None = None) -> bool:
+    """Record what a host's agent discovered, stamped with the database's clock. Returns True when
+    capacity appeared (the host was new or came back, or a GPU appeared), which is a reason to
+    dispatch. ``instance``: the worker this agent belongs to (:func:`host_claim`); if another worker
+    holds the name now, nothing is written and :class:`HostNameInUse` is raised."""
     with transaction.atomic():
-        host, created = Host.objects.get_or_create(name=name)
+        host, created = Host.objects.with_silence().get_or_create(name=name)
         came_back = created or not host.is_live or host.cpu_slots < cpu_slots
-        host.gpu_backend = discovery.backend
-        host.gpu_error = discovery.error
-        host.cpu_slots = cpu_slots
-        host.last_seen_at = now
-        host.save(update_fields=["gpu_backend", "gpu_error", "cpu_slots", "last_seen_at"])
+        rows = Host.objects.filter(pk=host.pk)
+        if instance is not None:
+            rows = rows.filter(agent_instance=instance)
+        if not rows.update(gpu_backend=discovery.backend, gpu_error=discovery.error, cpu_slots=cpu_slots,
+                           last_seen_at=Now()):
+            raise HostNameInUse(_in_use_message(name, _holder(pk=host.pk)))
+        host.gpu_backend, host.gpu_error, host.cpu_slots = discovery.backend, discovery.error, cpu_slots
         seen: set[str] = set()
         appeared = False
         for info in discovery.gpus:

@@ -18,6 +18,9 @@ connect through ``for_user`` (anonymous: close 4401; another user's task: close 
 Messages to the browser (JSON): ``{"type": "update", "state": {...}?, "lines": [{seq, text,
 time}]?, "metrics": [...]?, "events": [...]?, "cards": "<revision>"?}``, ``{"type": "deleted"}``,
 ``{"type": "tasks", "tasks": [...]}``, ``{"type": "gone", "ids": [...]}``, ``{"type": "new_tasks"}``.
+Numbers are finite or ``null``: where swift reported NaN or ±infinity, ``nonfinite`` (in a state
+and in a metric point) names the kind (``{"loss": "nan"}``) so the page can show "NaN" / "∞"; every
+message is encoded with ``allow_nan=False`` semantics (a stray non-finite float becomes ``null``).
 ``cards`` is the revision of the task page's server-rendered cards (error, details, checkpoints,
 exports, command line; :func:`tasks.selectors.task_cards_revision`), sent when it changes: the page
 then fetches ``/tasks/<id>/cards/`` and swaps them in. It is re-read on every event, on a change of
@@ -48,7 +51,8 @@ from django.conf import settings
 
 from tasks import selectors
 from tasks.models import TERMINAL_STATUSES, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
-from tasks.publisher import PROGRESS_FIELDS, task_group, user_group
+from tasks.publisher import NONFINITE_KEY, PROGRESS_FIELDS, task_group, user_group
+from tasks.swift_output import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ VOLATILE_FIELDS = ("elapsed_seconds",)
 #: A change of one of these may change the task page's cards (see ``task_cards_revision``).
 CARD_TRIGGER_FIELDS = frozenset({"status", "last_checkpoint", "error_message", "stop_requested"})
 #: What a list row shows; sent when one of these changes.
-LIST_FIELDS = ("status", "progress", "current_step", "max_steps", "loss", "eta_seconds")
+LIST_FIELDS = ("status", "progress", "current_step", "max_steps", "loss", "eta_seconds", NONFINITE_KEY)
 
 
 def cross_process_layer() -> bool:
@@ -87,6 +91,20 @@ def cross_process_layer() -> bool:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
+
+
+def encode_finite_json(content: Any) -> str:
+    """JSON a browser's ``JSON.parse`` accepts: ``NaN``/``Infinity`` are not JSON, so a non-finite
+    float (which the database never holds; this is the last guard) is sent as ``null``."""
+    try:
+        return json.dumps(content, allow_nan=False)
+    except ValueError:
+        return json.dumps(json_safe(content), allow_nan=False)
+
+
+def _nonfinite(values: Any) -> dict[str, str]:
+    marks = values.get(NONFINITE_KEY) if isinstance(values, dict) else None
+    return dict(marks) if isinstance(marks, dict) else {}
 
 
 def task_state(task: FinetuningTask) -> dict[str, Any]:
@@ -100,6 +118,8 @@ def task_state(task: FinetuningTask) -> dict[str, Any]:
         "epoch": task.epoch,
         "loss": task.loss,
         "learning_rate": task.learning_rate,
+        # Kinds of the values above (and of the summary's) that swift reported as NaN / ±infinity.
+        NONFINITE_KEY: _nonfinite(task.metrics),
         "eta_seconds": task.eta_seconds,
         "elapsed_seconds": task.elapsed_seconds,
         "last_checkpoint": task.last_checkpoint,
@@ -118,7 +138,7 @@ def line_payload(line: TaskLogLine) -> dict[str, Any]:
 
 
 def metric_payload(point: TaskMetric) -> dict[str, Any]:
-    return {
+    payload = {
         "kind": point.kind,
         "step": point.step,
         "epoch": point.epoch,
@@ -127,6 +147,10 @@ def metric_payload(point: TaskMetric) -> dict[str, Any]:
         "grad_norm": point.grad_norm,
         "token_acc": point.token_acc,
     }
+    marks = _nonfinite(point.values)
+    if marks:
+        payload[NONFINITE_KEY] = marks
+    return payload
 
 
 def event_payload(event: TaskEvent) -> dict[str, Any]:
@@ -215,8 +239,15 @@ class TaskFollower:
             if follower.runner is not None:
                 follower.runner.cancel()
 
+    def _row(self) -> dict[str, Any] | None:
+        """The progress fields, with the kinds of those swift reported as NaN / ±infinity."""
+        row = FinetuningTask.objects.filter(pk=self.task_id).values(*PROGRESS_FIELDS, "metrics").first()
+        if row is not None:
+            row[NONFINITE_KEY] = _nonfinite(row.pop("metrics"))
+        return row
+
     def _start_cursors(self) -> None:
-        row = FinetuningTask.objects.filter(pk=self.task_id).values(*PROGRESS_FIELDS).first()
+        row = self._row()
         if row is None:
             return
         self.fields = row
@@ -228,7 +259,7 @@ class TaskFollower:
 
     def _changes(self) -> tuple[dict[str, Any] | None, bool]:
         """The next message (as the publisher would send it) and whether more lines are waiting."""
-        row = FinetuningTask.objects.filter(pk=self.task_id).values(*PROGRESS_FIELDS).first()
+        row = self._row()
         if row is None:
             return {"type": "task.update", "task": self.task_id, "deleted": True}, False
         message: dict[str, Any] = {}
@@ -276,6 +307,10 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
 
     user: Any
     task_id: int
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return encode_finite_json(content)
     sent_seq: int | None
 
     async def connect(self) -> None:
@@ -363,7 +398,7 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
             events = list(message.get("events") or []) + ([message["event"]] if message.get("event") else [])
             if events:
                 out["events"] = events
-            fields = {key: message[key] for key in PROGRESS_FIELDS if key in message}
+            fields = {key: message[key] for key in (*PROGRESS_FIELDS, NONFINITE_KEY) if key in message}
             task: FinetuningTask | None = None
             if fields.get("status") and fields["status"] != self.state.get("status"):
                 # A new status brings fields the publisher does not carry (times, error): read them.
@@ -484,6 +519,10 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
 # --- the user's task list ------------------------------------------------------------------------
 class TaskListConsumer(AsyncJsonWebsocketConsumer):
     """Live rows of a task list page: the tasks it shows, as they change."""
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return encode_finite_json(content)
 
     async def connect(self) -> None:
         self.joined = False

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 
@@ -36,12 +36,14 @@ from tasks.paths import folder_size, is_within
 from tasks.process import (
     SHUTDOWN_GRACE_SECONDS,
     process_matches,
+    runner_alive,
     signal_group,
     sigterm_means_shutdown,
     stop_group,
     stop_launched,
     worker_shutting_down,
 )
+from tasks.publisher import Backoff, database_failed, retry_database
 from tasks.swift_failures import explain_failure
 from tasks.swift_output import LogSplitter
 
@@ -94,6 +96,7 @@ class ExportRun:
         self.killed = False
         self._saved_lines = -1
         self._received = 0
+        self.db = Backoff()  # a database outage delays the stored log and stop checks, never the merge
 
     def run(self) -> None:
         from tasks.services import task_export_finish
@@ -132,7 +135,10 @@ class ExportRun:
             started = psutil.Process(self.proc.pid).create_time()
         except psutil.NoSuchProcess:
             started = None
-        TaskExport.objects.filter(pk=export.pk).update(pid=self.proc.pid, process_started=started, command=argv)
+        pid = self.proc.pid
+        retry_database(lambda: TaskExport.objects.filter(pk=export.pk).update(
+            pid=pid, process_started=started, command=argv,
+        ), what=f"Recording the process of export {export.pk}", backoff=self.db)
         self.supervise()
 
     def supervise(self) -> None:
@@ -182,14 +188,15 @@ class ExportRun:
         return text[-LOG_TAIL_CHARS:]
 
     def save_log(self) -> None:
-        if self._received == self._saved_lines:
+        if self._received == self._saved_lines or not self.db.ready():
             return
-        self._saved_lines = self._received
         try:
             TaskExport.objects.filter(pk=self.export.pk).update(log_text=self.log_text())
-        except Exception:  # noqa: BLE001 - a database hiccup must not kill the merge
-            logger.warning("saving the log of export %s failed; reconnecting", self.export.pk, exc_info=True)
-            close_old_connections()
+        except DatabaseError as exc:  # a database hiccup must not kill the merge; saved at the next try
+            database_failed(exc, what=f"Saving the log of export {self.export.pk}", backoff=self.db)
+            return
+        self.db.succeeded()
+        self._saved_lines = self._received
 
     def check_stop_request(self) -> None:
         if self.stop_signalled_at is not None or self.proc is None:
@@ -200,13 +207,29 @@ class ExportRun:
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
             return
-        row = TaskExport.objects.filter(pk=self.export.pk).values("stop_requested_at").first()
+        if not self.db.ready():
+            return
+        try:
+            row = TaskExport.objects.filter(pk=self.export.pk).values("stop_requested_at").first()
+        except DatabaseError as exc:  # the database is away: no stop was asked for that we know of
+            database_failed(exc, what=f"Reading the stop request of export {self.export.pk}", backoff=self.db)
+            return
+        self.db.succeeded()
         if row is None or row["stop_requested_at"] is not None:
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
 
     def conclude(self, returncode: int | None) -> None:
+        """Record the ending, retried while the database is away (the merged folder stays on disk)."""
+        retry_database(lambda: self._conclude(returncode), what=f"Finishing export {self.export.pk}",
+                       backoff=self.db)
+
+    def _conclude(self, returncode: int | None) -> None:
         from tasks.services import task_export_finish
+
+        if self._received != self._saved_lines:  # the last save was skipped (the database was away)
+            TaskExport.objects.filter(pk=self.export.pk).update(log_text=self.log_text())
+            self._saved_lines = self._received
 
         export = self.export
         target = Path(export.output_path)
@@ -274,25 +297,22 @@ def reconcile_exports(*, host: str | None = None) -> list[int]:
 
     host = host or settings.FINETUNE_HOST
     stale_after = 3 * settings.FINETUNE_LOST_AFTER_SECONDS
-    now = timezone.now()
-    seen = dict(Host.objects.values_list("name", "last_seen_at"))
+    # How long each host has been silent, by the database's clock (its agent stamps it with Now()).
+    seen = dict(Host.objects.with_silence().values_list("name", "silent_for"))
     failed: list[int] = []
     for export in TaskExport.objects.filter(status__in=[ExportStatus.PENDING, ExportStatus.RUNNING]).select_related(
         "task"
     ):
         if export.status == ExportStatus.RUNNING and export.host == host:
-            alive = bool(export.runner_pid) and export.runner_pid != os.getpid() and psutil.pid_exists(
-                export.runner_pid
-            )
-            if alive:
+            if runner_alive(export.runner_pid, export.started_at):
                 continue
             if process_matches(export.pid, export.process_started):
                 stop_group(export.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
             remove_partial_output(export)
             reason = "The worker running this export stopped (worker crash or restart); export the checkpoint again."
         else:
-            last_seen = seen.get(export.host)
-            silent_for = (now - last_seen).total_seconds() if last_seen else float("inf")
+            silence = seen.get(export.host)
+            silent_for = silence.total_seconds() if silence is not None else float("inf")
             if export.host == host or silent_for <= stale_after:
                 continue
             reason = (f"Host {export.host or '?'} stopped reporting for {int(silent_for)} s before the export "

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psutil
@@ -84,25 +85,47 @@ def stop_group(pgid: int, *, grace: float, poll: float = 0.1) -> bool:
     return not group_members(pgid)
 
 
+#: How long a runner keeps retrying what must be recorded while the database is away (a run's output,
+#: its final state). A live runner on this host is trusted for as long: a database outage must not
+#: get its run reaped for silence.
+DATABASE_PATIENCE_SECONDS = 3600.0
+
+
+def runner_alive(runner_pid: int | None, claimed_at: datetime | None) -> bool:
+    """True when the worker process that claimed a run is still alive on this host: its pid exists,
+    is not this process, and the process is older than the claim (a recycled pid is younger)."""
+    if not runner_pid or runner_pid == os.getpid():
+        return False
+    try:
+        proc = psutil.Process(runner_pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return claimed_at is None or proc.create_time() <= claimed_at.timestamp() + 1.0
+    except psutil.Error:
+        return False
+
+
 def supervision_lost(
-    *, holder_host: str, runner_pid: int | None, heartbeat_at: Any, pid: int | None,
+    *, holder_host: str, runner_pid: int | None, claimed_at: datetime | None, silent_for: float, pid: int | None,
     process_started: float | None, this_host: str, stale_after: float,
 ) -> tuple[bool, float] | None:
     """Whether the supervision of a running process is gone, for the reconcilers of tasks, exports
     and deployments. ``None``: it is fine. Otherwise ``(here, silent_for)``:
 
-    * on this host it is lost when its runner (a worker process) is gone or has been silent for
-      ``stale_after`` seconds; the swift group it left behind (same pid *and* start time, so a
-      recycled pid is never touched) is stopped here and now;
-    * on another host it is lost when that host has been silent for three times as long.
+    * on this host it is lost when its runner (the worker process that claimed it at ``claimed_at``)
+      is gone, or has been silent for longer than ``DATABASE_PATIENCE_SECONDS`` (a runner keeps its
+      run through a database outage, so silence alone is not death); the swift group it left behind
+      (same pid *and* start time, so a recycled pid is never touched) is stopped here and now;
+    * on another host it is lost when that host has been silent for three times ``stale_after``.
+
+    ``silent_for``: seconds since the runner's last heartbeat by the database's clock (the caller
+    annotates ``Now() - F("heartbeat_at")``; ``inf`` when it never beat). Heartbeats are written with
+    ``Now()`` too, so neither skew between hosts nor a clock step on one of them counts as silence.
     """
     from django.conf import settings
-    from django.utils import timezone
 
-    silent_for = (timezone.now() - heartbeat_at).total_seconds() if heartbeat_at else float("inf")
     if holder_host == this_host:
-        runner_alive = bool(runner_pid) and psutil.pid_exists(runner_pid) and runner_pid != os.getpid()
-        if runner_alive and silent_for < stale_after:
+        if runner_alive(runner_pid, claimed_at) and silent_for < max(stale_after, DATABASE_PATIENCE_SECONDS):
             return None
         if process_matches(pid, process_started):
             stop_group(pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)

@@ -1,25 +1,42 @@
 """The one progress publisher: every line, metric, progress change and event of a run goes here.
 
 It batches log lines, gives them increasing per-task sequence numbers, writes them with the task
-row's progress fields in one transaction, then broadcasts what changed to the task's group and its
-owner's group. The database is the truth; a broadcast that is lost (the channel layer drops
-messages silently) is repaired by the page's backfill from ``after=<seq>``.
+row's progress fields (and its heartbeat, by the database's clock) in one transaction, then
+broadcasts what changed to the task's group and its owner's group. The database is the truth; a
+broadcast that is lost (the channel layer drops messages silently) is repaired by the page's
+backfill from ``after=<seq>``.
+
+**The database may go away** (a PostgreSQL restart, a killed connection, SQLite locked longer than
+its busy timeout) for minutes while swift trains on. A failed write never raises: everything stays
+buffered (lines, metrics, dirty fields, events, in order), the connection is dropped so that the
+next try reconnects, and the next try waits for :class:`Backoff` (0.5 s doubling to 5 s). Lines get
+their sequence numbers only when a write commits, so they stay contiguous. If the connection broke
+while a COMMIT was being answered, the next try first looks for that write's last line (or event)
+to learn whether it committed after all, and drops what it wrote, so nothing is written twice.
+
+The buffer is bounded (:attr:`ProgressPublisher.full`): when it is full the runner stops reading
+swift's log file, which holds every line anyway, and reads on once the database is back. Memory
+stays bounded and no line is ever dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from tasks.models import FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
-from tasks.swift_output import MetricPoint
+from tasks.process import DATABASE_PATIENCE_SECONDS
+from tasks.swift_output import MetricPoint, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +46,24 @@ PROGRESS_FIELDS = (
     "eta_seconds", "last_checkpoint", "last_log_seq",
 )
 
+#: Where the task's ``metrics`` JSON keeps the kind (``"nan"``, ``"inf"``, ``"-inf"``) of a value
+#: stored as null because swift reported it non-finite: the live ``loss``/``learning_rate``/``epoch``
+#: columns and the summary's keys (``train_loss``). A metric point keeps its own map under the same
+#: key in its ``values``. Pages show "NaN" / "∞" from it.
+NONFINITE_KEY = "nonfinite"
+#: Task columns that follow the latest training point (a non-finite one sets them to null).
+_LIVE_FIELDS = ("loss", "learning_rate", "epoch")
 
 MAX_BROADCAST_LINES = 500
+#: Log lines per write transaction (a backlog after an outage is written in several).
+WRITE_BATCH_LINES = 5000
+#: The buffer is full at this many characters of log text (plus ``_LINE_OVERHEAD`` per line) or
+#: this many metric points; the runner then stops reading swift's output until it drains.
+MAX_BUFFERED_CHARS = 16 << 20
+MAX_BUFFERED_POINTS = 20_000
+_LINE_OVERHEAD = 100
+
+T = TypeVar("T")
 
 
 def task_group(task_id: int) -> str:
@@ -51,7 +84,7 @@ def broadcast(task: FinetuningTask, payload: dict[str, Any]) -> None:
         layer = get_channel_layer()
         if layer is None:
             return
-        message = {"type": "task.update", "task": task.pk, **payload}
+        message = {"type": "task.update", "task": task.pk, **json_safe(payload)}
         async_to_sync(layer.group_send)(task_group(task.pk), message)
         summary = {k: v for k, v in message.items() if k not in ("lines", "metrics")}
         async_to_sync(layer.group_send)(user_group(task.owner_id), summary)
@@ -63,21 +96,140 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
+# --- database outages --------------------------------------------------------------------------------
+class Backoff:
+    """When to try the database again after failures: ``first`` seconds, doubling up to ``cap``.
+
+    The cap is short on purpose: a try costs one connection attempt, and the sooner a runner writes
+    its heartbeat after an outage, the less a sweep can take the silence for a dead runner."""
+
+    FIRST = 0.5
+    CAP = 5.0
+
+    def __init__(self, *, first: float | None = None, cap: float | None = None) -> None:
+        self.first = self.FIRST if first is None else first
+        self.cap = self.CAP if cap is None else cap
+        self.failures = 0
+        self.down_since: float | None = None
+        self._next_try = 0.0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self._next_try
+
+    def wait(self) -> None:
+        """Sleep until the next try is due."""
+        time.sleep(max(0.0, self._next_try - time.monotonic()))
+
+    def failed(self, *, since: float | None = None) -> float:
+        """Record a failure of an operation begun at ``since`` (monotonic; default now: a write may
+        wait out SQLite's busy timeout before it fails); returns the delay before the next try."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now if since is None else since
+        delay = min(self.cap, self.first * 2 ** min(self.failures, 16))
+        self.failures += 1
+        self._next_try = now + delay
+        return delay
+
+    def succeeded(self) -> float | None:
+        """Record a success; returns for how long the database had been failing (None: it had not)."""
+        down = None if self.down_since is None else time.monotonic() - self.down_since
+        self.failures, self.down_since, self._next_try = 0, None, 0.0
+        return down
+
+
+def database_failed(exc: DatabaseError, *, what: str, backoff: Backoff, since: float | None = None) -> None:
+    """Record a failed database operation and drop the connection, so the next try reconnects (a
+    killed PostgreSQL connection stays unusable otherwise). Inside a transaction opened by a caller
+    the connection is left alone: only that caller may end it."""
+    delay = backoff.failed(since=since)
+    if backoff.failures == 1:
+        logger.warning("%s failed (%s: %s); the run goes on, retrying with backoff", what,
+                       type(exc).__name__, str(exc).strip())
+    elif backoff.failures % 12 == 0 and backoff.down_since is not None:  # about once a minute
+        logger.warning("%s still fails after %.0f s (%s); the run goes on, retrying", what,
+                       time.monotonic() - backoff.down_since, str(exc).strip())
+    else:
+        logger.debug("%s failed again (%s); next try in %.1f s", what, exc, delay)
+    if connection.in_atomic_block:
+        return
+    try:
+        connection.close()
+    except DatabaseError:
+        pass  # closing a dead connection may complain; it is closed either way
+
+
+def retry_database(write: Callable[[], T], *, what: str, backoff: Backoff | None = None) -> T:
+    """``write()``, tried again with backoff for as long as the database fails (up to
+    ``DATABASE_PATIENCE_SECONDS``, and not once the worker is shutting down: then the error is
+    raised and the reconciler records the ending)."""
+    from tasks.process import worker_shutting_down
+
+    backoff = backoff or Backoff()
+    give_up_at = time.monotonic() + DATABASE_PATIENCE_SECONDS
+    while True:
+        started = time.monotonic()
+        try:
+            result = write()
+        except DatabaseError as exc:
+            database_failed(exc, what=what, backoff=backoff, since=started)
+            if time.monotonic() >= give_up_at or worker_shutting_down():
+                raise
+            backoff.wait()
+            continue
+        down = backoff.succeeded()
+        if down is not None:
+            logger.warning("The database is back after %.0f s: %s succeeded", down, what)
+        return result
+
+
+# --- the publisher -----------------------------------------------------------------------------------
+@dataclass
+class _Event:
+    kind: str
+    message: str
+    data: dict[str, Any]
+    at: datetime
+
+
+@dataclass
+class _Attempt:
+    """A write whose transaction failed: whether it committed is read back from its last line or,
+    without lines, its first event (metrics and fields are idempotent: writing them twice is fine)."""
+
+    lines: int
+    last_seq: int
+    events: int
+    first_event: _Event | None
+
+
+@dataclass
+class _Written:
+    rows: list[TaskLogLine] = field(default_factory=list)
+    points: list[MetricPoint] = field(default_factory=list)
+    events: list[TaskEvent] = field(default_factory=list)
+
+
 class ProgressPublisher:
     """Collects a run's output and flushes it to the database at most every ``interval`` seconds."""
 
-    def __init__(self, task: FinetuningTask, *, interval: float = 0.15) -> None:
+    def __init__(self, task: FinetuningTask, *, interval: float = 0.15, backoff: Backoff | None = None) -> None:
         self.task = task
         self.interval = interval
+        self.backoff = backoff or Backoff()
         self._lines: list[tuple[str, datetime]] = []
+        self._chars = 0
         self._metrics: dict[tuple[str, int], MetricPoint] = {}
         self._dirty: set[str] = set()
+        self._events: list[_Event] = []
+        self._unconfirmed: _Attempt | None = None
         self._last_flush = 0.0
 
     # --- collecting ---------------------------------------------------------------------------
     def add_lines(self, lines: list[str]) -> None:
         now = timezone.now()
         self._lines.extend((line, now) for line in lines)
+        self._chars += sum(len(line) + _LINE_OVERHEAD for line in lines)
 
     def add_metric(self, point: MetricPoint) -> None:
         self._metrics[(point.kind, point.step)] = point
@@ -86,41 +238,129 @@ class ProgressPublisher:
             task.current_step = max(task.current_step, point.step)
             if point.max_steps:
                 task.max_steps = point.max_steps
-            if point.loss is not None:
-                task.loss = point.loss
-            if point.learning_rate is not None:
-                task.learning_rate = point.learning_rate
-            if point.epoch is not None:
-                task.epoch = point.epoch
+            marks: dict[str, str | None] = {}
+            for name in _LIVE_FIELDS:
+                value, kind = getattr(point, name), point.nonfinite.get(name)
+                if value is not None or kind is not None:
+                    setattr(task, name, value)  # null for NaN/inf: the kind goes to the task's metrics
+                    marks[name] = kind
+            self._mark_nonfinite(marks)
             if point.remaining_seconds is not None:
                 task.eta_seconds = point.remaining_seconds
             if task.max_steps:
                 task.progress = round(min(100.0, 100.0 * task.current_step / task.max_steps), 2)
             self._dirty.update(PROGRESS_FIELDS)
 
+    def add_summary(self, summary: dict[str, Any], nonfinite: dict[str, str]) -> None:
+        """Merge swift's summary (finite numbers or null) into the task's ``metrics``."""
+        metrics = {**self.task.metrics, **{k: v for k, v in summary.items() if k != NONFINITE_KEY}}
+        self.set(metrics=metrics)
+        self._mark_nonfinite({key: nonfinite.get(key) for key in summary})
+
     def set(self, **fields: Any) -> None:
         for name, value in fields.items():
             setattr(self.task, name, value)
             self._dirty.add(name)
 
+    def heartbeat(self) -> None:
+        """Tell the reconcilers that this run is supervised (every write stamps ``heartbeat_at``
+        with the database's clock, which the reconcilers compare with)."""
+        self._dirty.add("heartbeat_at")
+        self.flush(force=True)
+
+    def event(self, kind: str, message: str = "", **data: Any) -> None:
+        """Record a lifecycle event now, or with the next write that succeeds (it keeps its time)."""
+        self._events.append(_Event(kind, message, json_safe(data), timezone.now()))
+        self.flush(force=True)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._lines or self._metrics or self._dirty or self._events)
+
+    @property
+    def full(self) -> bool:
+        """The buffer holds as much as it may: read no more output until a flush drains it."""
+        return self._chars >= MAX_BUFFERED_CHARS or len(self._metrics) >= MAX_BUFFERED_POINTS
+
+    def _mark_nonfinite(self, marks: dict[str, str | None]) -> None:
+        metrics = self.task.metrics if isinstance(self.task.metrics, dict) else {}
+        current: dict[str, str] = dict(metrics.get(NONFINITE_KEY) or {})
+        wanted = {**current, **{k: v for k, v in marks.items() if v is not None}}
+        for key in (k for k, v in marks.items() if v is None):
+            wanted.pop(key, None)
+        if wanted == current and (wanted or NONFINITE_KEY not in metrics):
+            return
+        updated = {k: v for k, v in metrics.items() if k != NONFINITE_KEY}
+        if wanted:
+            updated[NONFINITE_KEY] = wanted
+        self.set(metrics=updated)
+
     # --- writing ------------------------------------------------------------------------------
-    def flush(self, *, force: bool = False) -> None:
-        if not (self._lines or self._metrics or self._dirty):
-            return
-        if not force and time.monotonic() - self._last_flush < self.interval:
-            return
-        self._last_flush = time.monotonic()
+    def flush(self, *, force: bool = False) -> bool:
+        """Write what is buffered (every ``interval`` seconds unless ``force``). Returns True when
+        nothing is left to write. A database error never escapes: the buffer is kept for the next
+        try, which waits for the backoff even when forced."""
+        if not self.pending:
+            return True
+        if not self.backoff.ready():
+            return False
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.interval:
+            return False
+        self._last_flush = now
+        try:
+            if self._unconfirmed is not None:
+                self._confirm()
+            while self.pending:
+                self._write_batch()
+        except DatabaseError as exc:
+            database_failed(exc, what=f"Writing the progress of task {self.task.pk}", backoff=self.backoff, since=now)
+            return False
+        down = self.backoff.succeeded()
+        if down is not None:
+            logger.warning("The database is back after %.0f s: the progress of task %s is written", down, self.task.pk)
+        return True
+
+    def _confirm(self) -> None:
+        """After a failed write: did it commit after all (its COMMIT's answer was lost)?"""
+        attempt = self._unconfirmed
+        assert attempt is not None
+        if attempt.lines:
+            committed = TaskLogLine.objects.filter(task=self.task, seq=attempt.last_seq).exists()
+        elif attempt.first_event is not None:
+            # Event times come from this process's clock, and an event is never written twice.
+            event = attempt.first_event
+            committed = TaskEvent.objects.filter(task=self.task, kind=event.kind, message=event.message,
+                                                 created_at__gte=event.at).exists()
+        else:
+            committed = False
+        self._unconfirmed = None
+        if committed:
+            logger.warning("task %s: the write that failed had committed; not writing it again", self.task.pk)
+            self._forget(lines=attempt.lines, events=attempt.events)
+            self.task.last_log_seq = attempt.last_seq
+
+    def _forget(self, *, lines: int, events: int) -> None:
+        self._chars -= sum(len(text) + _LINE_OVERHEAD for text, _ in self._lines[:lines])
+        del self._lines[:lines]
+        del self._events[:events]
+
+    def _write_batch(self) -> None:
         task = self.task
-        lines, self._lines = self._lines, []
-        points, self._metrics = list(self._metrics.values()), {}
-        dirty, self._dirty = self._dirty, set()
         first_seq = task.last_log_seq + 1
-        rows = [
-            TaskLogLine(task=task, seq=first_seq + i, text=text, created_at=at) for i, (text, at) in enumerate(lines)
-        ]
+        rows = [TaskLogLine(task=task, seq=first_seq + i, text=text, created_at=at)
+                for i, (text, at) in enumerate(self._lines[:WRITE_BATCH_LINES])]
+        points = list(self._metrics.values())
+        events = list(self._events)
+        dirty = self._dirty - {"heartbeat_at", "last_log_seq"}
+        fields = {name: getattr(task, name) for name in dirty}
+        fields["heartbeat_at"] = Now()
+        last_seq = rows[-1].seq if rows else task.last_log_seq
         if rows:
-            task.last_log_seq = rows[-1].seq
-            dirty.add("last_log_seq")
+            fields["last_log_seq"] = last_seq
+        self._unconfirmed = _Attempt(lines=len(rows), last_seq=last_seq, events=len(events),
+                                     first_event=events[0] if events else None)
+        written = _Written(rows=rows, points=points)
         with transaction.atomic():
             if rows:
                 TaskLogLine.objects.bulk_create(rows)
@@ -132,34 +372,54 @@ class ProgressPublisher:
                     update_fields=["epoch", "loss", "learning_rate", "grad_norm", "token_acc",
                                    "memory_gib", "seconds_per_step", "values"],
                 )
-            if dirty:
-                FinetuningTask.objects.filter(pk=task.pk).update(**{f: getattr(task, f) for f in dirty})
+            written.events = [self._insert_event(e) for e in events]
+            FinetuningTask.objects.filter(pk=task.pk).update(**fields)
+        self._unconfirmed = None
+        self._forget(lines=len(rows), events=len(events))
+        self._metrics.clear()
+        self._dirty.clear()
+        task.last_log_seq = last_seq
+        self._broadcast(written)
+
+    def _insert_event(self, pending: _Event) -> TaskEvent:
+        event = TaskEvent.objects.create(task=self.task, kind=pending.kind, message=pending.message, data=pending.data)
+        if (event.created_at - pending.at).total_seconds() > 1.0:
+            # Written late (the database was away): the timeline shows when it happened.
+            TaskEvent.objects.filter(pk=event.pk).update(created_at=pending.at)
+            event.created_at = pending.at
+        return event
+
+    def _broadcast(self, written: _Written) -> None:
+        task = self.task
         payload: dict[str, Any] = {f: getattr(task, f) for f in PROGRESS_FIELDS}
-        if rows:
+        payload[NONFINITE_KEY] = dict(task.metrics.get(NONFINITE_KEY) or {}) if isinstance(task.metrics, dict) else {}
+        if written.rows:
             # A burst is not broadcast whole (a message of megabytes times out in the layer); the
             # consumer reads the lines it was not sent from the database, by sequence number.
             payload["lines"] = [{"seq": r.seq, "text": r.text, "time": _iso(r.created_at)}
-                                for r in rows[:MAX_BROADCAST_LINES]]
-        if points:
-            payload["metrics"] = [self._metric_payload(p) for p in points]
+                                for r in written.rows[:MAX_BROADCAST_LINES]]
+        if written.points:
+            payload["metrics"] = [self._metric_payload(p) for p in written.points]
+        if written.events:
+            payload["events"] = [{"kind": e.kind, "message": e.message, "time": _iso(e.created_at)}
+                                 for e in written.events]
         broadcast(task, payload)
 
-    def event(self, kind: str, message: str = "", **data: Any) -> TaskEvent:
-        """Record a lifecycle event now (events are rare; they are not batched)."""
-        self.flush(force=True)
-        return publish_event(self.task, kind, message, **data)
-
     def _metric_row(self, p: MetricPoint) -> TaskMetric:
+        values: dict[str, Any] = {**p.values, NONFINITE_KEY: p.nonfinite} if p.nonfinite else dict(p.values)
         return TaskMetric(
             task=self.task, kind=p.kind, step=p.step, epoch=p.epoch, loss=p.loss, learning_rate=p.learning_rate,
             grad_norm=p.grad_norm, token_acc=p.token_acc, memory_gib=p.memory_gib,
-            seconds_per_step=p.seconds_per_step, values=p.values,
+            seconds_per_step=p.seconds_per_step, values=json_safe(values),
         )
 
     @staticmethod
     def _metric_payload(p: MetricPoint) -> dict[str, Any]:
-        return {"kind": p.kind, "step": p.step, "epoch": p.epoch, "loss": p.loss,
-                "learning_rate": p.learning_rate, "grad_norm": p.grad_norm, "token_acc": p.token_acc}
+        payload = {"kind": p.kind, "step": p.step, "epoch": p.epoch, "loss": p.loss,
+                   "learning_rate": p.learning_rate, "grad_norm": p.grad_norm, "token_acc": p.token_acc}
+        if p.nonfinite:
+            payload[NONFINITE_KEY] = p.nonfinite
+        return payload
 
 
 def publish_event(task: FinetuningTask, kind: str, message: str = "", **data: Any) -> TaskEvent:

@@ -12,6 +12,10 @@ whose ``logging.jsonl`` starts at step N+1. The runner finds that folder (swift'
 ``output_dir: …`` line, else the ``v*-*`` folder that appeared after the launch) and follows its
 ``logging.jsonl``; it reads ``train.log`` from where the earlier runs ended, so log sequence numbers
 and metric steps continue without repeats.
+
+A database outage never stops swift: the publisher buffers what the run reports and writes it when
+the database is back (see :mod:`tasks.publisher`), stop requests are read again once it answers,
+and the final state is written with retries. Only a stop the owner asked for stops a run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 
 import psutil
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from tasks.builtin_models import BuiltinModelError, builtin_model_path, is_built, is_builtin_model_id
@@ -37,6 +43,7 @@ from tasks.exports import reconcile_exports
 from tasks.models import EventKind, FinetuningTask, TaskStatus
 from tasks.paths import is_within
 from tasks.process import (
+    DATABASE_PATIENCE_SECONDS,
     SHUTDOWN_GRACE_SECONDS,
     signal_group,
     sigterm_means_shutdown,
@@ -45,7 +52,7 @@ from tasks.process import (
     supervision_lost,
     worker_shutting_down,
 )
-from tasks.publisher import ProgressPublisher
+from tasks.publisher import Backoff, ProgressPublisher, database_failed, retry_database
 from tasks.scheduler import task_requeue
 from tasks.selectors import run_folders
 from tasks.swift_failures import explain_failure
@@ -58,6 +65,11 @@ _READ_CHUNK = 1 << 20
 _OUTPUT_DIR_LINE = re.compile(r"\[INFO:swift\] output_dir: (?P<path>\S.*?)\s*$")
 
 
+class DatabaseAway(RuntimeError):
+    """The database did not come back within ``DATABASE_PATIENCE_SECONDS`` after swift exited (the
+    reconciler then fails the task as lost)."""
+
+
 def claim(task_id: int) -> bool:
     """Atomically take a queued task for this worker. Exactly one caller ever gets True, and only
     on the host that holds the task's reservations (a stale job on another host is a no-op)."""
@@ -66,8 +78,8 @@ def claim(task_id: int) -> bool:
         pk=task_id, status=TaskStatus.QUEUED, stop_requested_at__isnull=True, host=settings.FINETUNE_HOST
     ).update(
         status=TaskStatus.RUNNING,
-        started_at=now,
-        heartbeat_at=now,
+        started_at=now,  # this host's clock, like the runner's start time it is compared with
+        heartbeat_at=Now(),  # the database's clock, like every liveness comparison
         runner_pid=os.getpid(),
     )
     return claimed == 1
@@ -79,6 +91,7 @@ class TaskRun:
     def __init__(self, task: FinetuningTask) -> None:
         self.task = task
         self.publisher = ProgressPublisher(task)
+        self.reads = Backoff()  # stop requests (reads may work while writes fail: SQLite locked)
         self.splitter = LogSplitter()
         self.tail_lines: deque[str] = deque(maxlen=400)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -173,35 +186,55 @@ class TaskRun:
             except subprocess.TimeoutExpired:
                 pass
         # The wrapper is gone; make sure nothing of its group outlives it (dataloader workers,
-        # an orphaned trainer), then read the last of the output.
+        # an orphaned trainer), then read and write the last of the output.
         stop_group(self.proc.pid, grace=min(5.0, settings.FINETUNE_STOP_GRACE_SECONDS))
-        self.read_output(final=True)
+        self.drain()
         self.conclude(self.proc.returncode)
 
     # --- output -----------------------------------------------------------------------------
-    def read_output(self, *, final: bool = False) -> None:
+    def read_output(self, *, final: bool = False) -> bool:
+        """Hand what swift wrote since the last call to the publisher, until its buffer is full (the
+        database is away): the rest stays in the files and is read once the buffer drains. Returns
+        True when everything written so far was read."""
+        complete = True
         log_path = Path(self.task.log_file_path)
         try:
             with log_path.open("rb") as handle:
                 handle.seek(self.log_offset)
-                while chunk := handle.read(_READ_CHUNK):
+                while not (full := self.publisher.full) and (chunk := handle.read(_READ_CHUNK)):
                     self.log_offset += len(chunk)
                     self._lines(self.splitter.feed(chunk))
+                complete = not full
         except FileNotFoundError:
             pass
-        if final:
+        if final and complete:
             self._lines(self.splitter.flush())
         if self.jsonl is None and self.resume_from is not None:
             self.find_run_dir()
         if self.jsonl is not None:
-            for record in self.jsonl.read():
+            if self.publisher.full:
+                return False
+            for record in self.jsonl.read(max_bytes=_READ_CHUNK):
                 meaning = interpret_logging_record(record)
                 if meaning.point is not None:
                     self.publisher.add_metric(meaning.point)
                 if meaning.summary is not None:
-                    self.publisher.set(metrics={**self.task.metrics, **meaning.summary})
+                    self.publisher.add_summary(meaning.summary, meaning.nonfinite)
                 if meaning.last_checkpoint:
                     self.publisher.set(last_checkpoint=meaning.last_checkpoint)
+            complete = complete and self.jsonl.caught_up
+        return complete
+
+    def drain(self) -> None:
+        """After swift exited: read the rest of its output and write it, waiting for the database if
+        it is away."""
+        give_up_at = time.monotonic() + DATABASE_PATIENCE_SECONDS
+        while True:
+            read_all = self.read_output(final=True)
+            if not self.publisher.flush(force=True):
+                self._wait_for_database(give_up_at, "writing the last output")
+            elif read_all:
+                return
 
     def follow_run_dir(self, folder: Path) -> None:
         """Follow ``folder/logging.jsonl`` from now on (the folder this run writes into)."""
@@ -250,18 +283,21 @@ class TaskRun:
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
             return
-        row = FinetuningTask.objects.filter(pk=self.task.pk).values("stop_requested_at").first()
+        if not self.reads.ready():
+            return
+        try:
+            row = FinetuningTask.objects.filter(pk=self.task.pk).values("stop_requested_at").first()
+        except DatabaseError as exc:  # the database is away: no stop was asked for that we know of
+            database_failed(exc, what=f"Reading the stop request of task {self.task.pk}", backoff=self.reads)
+            return
+        self.reads.succeeded()
         if row is None or row["stop_requested_at"] is not None:
             # Stop requested (or the row vanished, which only an operator's raw delete does).
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
 
     def heartbeat(self) -> None:
-        try:
-            FinetuningTask.objects.filter(pk=self.task.pk).update(heartbeat_at=timezone.now())
-        except Exception:  # noqa: BLE001 - a database hiccup must not kill a two-day run
-            logger.warning("heartbeat for task %s failed; reconnecting", self.task.pk, exc_info=True)
-            close_old_connections()
+        self.publisher.heartbeat()  # buffered like the rest while the database is away
 
     # --- ending -----------------------------------------------------------------------------
     def conclude(self, returncode: int | None) -> None:
@@ -285,8 +321,20 @@ class TaskRun:
             latest = _latest_checkpoint(self.run_dir or Path(self.task.output_path))
             if latest and _step_of(latest) >= _step_of(self.task.last_checkpoint):
                 self.publisher.set(last_checkpoint=latest)
-        self.publisher.flush(force=True)
-        finetuning_task_finish(task=self.task, status=status, exit_code=exit_code, error=error)
+        give_up_at = time.monotonic() + DATABASE_PATIENCE_SECONDS
+        while not self.publisher.flush(force=True):
+            self._wait_for_database(give_up_at, f"recording that it ended {status}")
+        retry_database(
+            lambda: finetuning_task_finish(task=self.task, status=status, exit_code=exit_code, error=error),
+            what=f"Finishing task {self.task.pk} ({status})", backoff=self.publisher.backoff,
+        )
+
+    def _wait_for_database(self, give_up_at: float, doing: str) -> None:
+        """Sleep until the next try; give up after ``DATABASE_PATIENCE_SECONDS``, or at once when the
+        worker is shutting down (the reconciler then fails the task as lost)."""
+        if time.monotonic() >= give_up_at or worker_shutting_down():
+            raise DatabaseAway(f"The database was away while task {self.task.pk} was {doing}; giving up")
+        self.publisher.backoff.wait()
 
     def kill(self) -> None:
         """Leave no process of the group alive (used on every exit path)."""
@@ -356,19 +404,23 @@ def reconcile_host(*, host: str | None = None) -> list[int]:
     """Fail running tasks whose supervision is gone, so nothing stays ``running`` forever (exports
     too: :func:`tasks.exports.reconcile_exports`).
 
-    On this host a task is lost when its runner (the worker process) is gone or silent for
-    ``FINETUNE_LOST_AFTER_SECONDS``; a swift group it left behind (same pid *and* start time, so a
-    recycled pid is never touched) is stopped. A task on another host is lost when that host has
-    not sent a heartbeat for three times as long. Returns the ids marked failed.
+    On this host a task is lost when its runner (the worker process) is gone (a runner that is alive
+    keeps its run through a database outage: :func:`tasks.process.supervision_lost`); a swift group it
+    left behind (same pid *and* start time, so a recycled pid is never touched) is stopped. A task on
+    another host is lost when that host has not sent a heartbeat for three times
+    ``FINETUNE_LOST_AFTER_SECONDS``, by the database's clock. Returns the ids marked failed.
     """
     from tasks.services import finetuning_task_finish
 
     host = host or settings.FINETUNE_HOST
     failed: list[int] = []
-    for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
+    # Silence by the database's clock, never this host's: heartbeats are stamped with it too.
+    for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING).annotate(silent_for=Now() - F("heartbeat_at")):
         lost = supervision_lost(
-            holder_host=task.host, runner_pid=task.runner_pid, heartbeat_at=task.heartbeat_at, pid=task.pid,
-            process_started=task.process_started, this_host=host, stale_after=settings.FINETUNE_LOST_AFTER_SECONDS,
+            holder_host=task.host, runner_pid=task.runner_pid, claimed_at=task.started_at, pid=task.pid,
+            process_started=task.process_started,
+            silent_for=float("inf") if task.silent_for is None else task.silent_for.total_seconds(),
+            this_host=host, stale_after=settings.FINETUNE_LOST_AFTER_SECONDS,
         )
         if lost is None:
             continue

@@ -7,11 +7,18 @@ export and deploy logs. Formats are documented in docs/ms-swift-notes.md:
   ended by ``\\n``, is kept), and log messages glued onto a bar without a newline are split off.
 * ``logging.jsonl`` has one JSON object per logging step (numeric values), a summary object with
   ``train_runtime`` and a final object with ``last_model_checkpoint``.
+* Non-finite numbers are data: swift writes ``logging.jsonl`` with ``json.dumps`` (``NaN``,
+  ``Infinity``, ``-Infinity`` for a diverged loss or an fp16 overflow) and its stdout dicts say
+  ``'nan'``/``'inf'``. Neither JSON columns nor browsers accept them, so every value read here is
+  finite or ``None``; where swift reported a non-finite number, its kind (``"nan"``, ``"inf"``,
+  ``"-inf"``) is kept beside it (:attr:`MetricPoint.nonfinite`, :attr:`LoggingRecord.nonfinite`)
+  so the pages can still say "NaN" or "∞".
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,20 +110,26 @@ class JsonlTail:
         self.path = path
         self._offset = 0
         self._pending = b""
+        #: False while the file holds more than the last :meth:`read` took (its ``max_bytes``).
+        self.caught_up = True
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
+            self.caught_up = True
             return []
         if size < self._offset:
             self._offset, self._pending = 0, b""
         if size == self._offset:
+            self.caught_up = True
             return []
+        wanted = size - self._offset if max_bytes is None else min(max_bytes, size - self._offset)
         with self.path.open("rb") as handle:
             handle.seek(self._offset)
-            data = handle.read(size - self._offset)
+            data = handle.read(wanted)
         self._offset += len(data)
+        self.caught_up = self._offset >= size
         self._pending += data
         *complete, self._pending = self._pending.split(b"\n")
         records: list[dict[str, Any]] = []
@@ -148,7 +161,30 @@ def parse_duration(text: Any) -> float | None:
     return float(sum(float(num) * _UNIT[unit] for num, unit in parts))
 
 
+def nonfinite_kind(value: float) -> str | None:
+    """``"nan"``, ``"inf"`` or ``"-inf"`` for a non-finite float, ``None`` for a finite one."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (at any depth) replaced by ``None``: what a JSON column,
+    ``json.dumps(allow_nan=False)`` and a browser's ``JSON.parse`` accept."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def _number(value: Any) -> float | None:
+    """A number swift reported (a JSON number or a stdout string such as ``'0.5'`` or ``'nan'``);
+    may be non-finite."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -174,7 +210,10 @@ class MetricPoint:
     memory_gib: float | None = None
     seconds_per_step: float | None = None
     remaining_seconds: float | None = None
-    values: dict[str, float] = field(default_factory=dict)
+    #: Every numeric value swift reported; ``None`` where it was not finite (see ``nonfinite``).
+    values: dict[str, float | None] = field(default_factory=dict)
+    #: ``{"loss": "nan", "grad_norm": "inf"}``: the values swift reported as NaN or ±infinity.
+    nonfinite: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,7 +221,10 @@ class LoggingRecord:
     """What one ``logging.jsonl`` object means to the runner."""
 
     point: MetricPoint | None = None
+    #: Finite numbers or ``None`` (and other JSON values): ready for a JSON column.
     summary: dict[str, Any] | None = None
+    #: The summary's top-level values that swift reported as NaN or ±infinity, by kind.
+    nonfinite: dict[str, str] = field(default_factory=dict)
     last_checkpoint: str | None = None
 
 
@@ -203,28 +245,43 @@ def interpret_logging_record(record: dict[str, Any]) -> LoggingRecord:
     result = LoggingRecord()
     if "last_model_checkpoint" in record:
         result.last_checkpoint = record.get("last_model_checkpoint") or None
-        result.summary = {k: v for k, v in record.items() if k != "log_history"}
+        summary = {k: v for k, v in record.items() if k != "log_history"}
+        result.nonfinite = _nonfinite_kinds(summary)
+        result.summary = json_safe(summary)
         return result
     step, max_steps = _steps(record)
     if "train_runtime" in record:
-        result.summary = {k: (_number(v) if _number(v) is not None else v) for k, v in record.items()}
+        summary = {k: (_number(v) if _number(v) is not None else v) for k, v in record.items()}
+        result.nonfinite = _nonfinite_kinds(summary)
+        result.summary = json_safe(summary)
         return result
     if step is None:
         return result
     numbers = {k: n for k, v in record.items() if (n := _number(v)) is not None}
+    nonfinite = _nonfinite_kinds(numbers)
+    finite = {k: (None if k in nonfinite else n) for k, n in numbers.items()}
     is_eval = any(k.startswith("eval_") for k in numbers)
     point = MetricPoint(kind="eval" if is_eval else "train", step=step, max_steps=max_steps)
-    point.epoch = numbers.get("epoch")
-    point.loss = numbers.get("eval_loss" if is_eval else "loss")
-    point.learning_rate = numbers.get("learning_rate")
-    point.grad_norm = numbers.get("grad_norm")
-    point.token_acc = numbers.get("eval_token_acc" if is_eval else "token_acc")
-    point.memory_gib = numbers.get("memory(GiB)")
-    point.seconds_per_step = numbers.get("train_speed(s/it)")
-    point.remaining_seconds = parse_duration(record.get("remaining_time"))
-    point.values = numbers
+    point.epoch = finite.get("epoch")
+    point.loss = finite.get("eval_loss" if is_eval else "loss")
+    point.learning_rate = finite.get("learning_rate")
+    point.grad_norm = finite.get("grad_norm")
+    point.token_acc = finite.get("eval_token_acc" if is_eval else "token_acc")
+    point.memory_gib = finite.get("memory(GiB)")
+    point.seconds_per_step = finite.get("train_speed(s/it)")
+    remaining = parse_duration(record.get("remaining_time"))
+    point.remaining_seconds = remaining if remaining is not None and math.isfinite(remaining) else None
+    point.values = finite
+    point.nonfinite = nonfinite
+    if is_eval and "eval_loss" in nonfinite:  # an eval point's loss is its eval_loss
+        point.nonfinite = {**nonfinite, "loss": nonfinite["eval_loss"]}
     result.point = point
     return result
+
+
+def _nonfinite_kinds(values: dict[str, Any]) -> dict[str, str]:
+    return {key: kind for key, value in values.items()
+            if isinstance(value, float) and (kind := nonfinite_kind(value)) is not None}
 
 
 _CHECKPOINT_SAVED = re.compile(r"Saving model checkpoint to (?P<path>\S+)")

@@ -41,11 +41,19 @@
       if (m) return interpolate(formats.ms, { m: m, s: s });
       return interpolate(formats.s, { s: s });
     },
-    /** a float to n significant digits, without trailing zeros */
-    sig: function (value, digits) {
-      if (value === null || value === undefined || value === "") return "–";
+    /** "NaN", "∞" or "−∞" for the kind of a value swift reported non-finite (the server sends such
+     *  a value as null with its kind beside it: `nonfinite: {"loss": "nan"}`); null for another kind */
+    nonfinite: function (kind) {
+      return { nan: "NaN", inf: "∞", "-inf": "−∞" }[kind] || null;
+    },
+    /** a float to n significant digits, without trailing zeros; `kind` says why a null is null */
+    sig: function (value, digits, kind) {
+      if (value === null || value === undefined || value === "") return FTP.fmt.nonfinite(kind) || "–";
       const number = Number(value);
-      if (!isFinite(number)) return String(value);
+      if (!isFinite(number)) {
+        if (number === Infinity || number === -Infinity) return number > 0 ? "∞" : "−∞";
+        return typeof value === "number" ? "NaN" : String(value);
+      }
       return String(parseFloat(number.toPrecision(digits || 4)));
     },
     percent: function (value) {
@@ -143,7 +151,7 @@
       field(row, "bar").style.width = Math.round(state.progress) + "%";
       field(row, "progress").textContent = FTP.fmt.percent(state.progress) +
         (state.max_steps ? " · " + state.current_step + "/" + state.max_steps : "");
-      field(row, "loss").textContent = FTP.fmt.sig(state.loss, 4);
+      field(row, "loss").textContent = FTP.fmt.sig(state.loss, 4, (state.nonfinite || {}).loss);
       field(row, "eta").textContent = state.status === "running" ? FTP.fmt.duration(state.eta_seconds) : "–";
       if (state.elapsed_seconds !== null && state.elapsed_seconds !== undefined) {
         elapsedBase[state.id] = { value: state.elapsed_seconds, at: Date.now() };

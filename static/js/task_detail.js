@@ -33,10 +33,11 @@
     field("bar").style.width = Math.round(state.progress || 0) + "%";
     field("progress").textContent = FTP.fmt.percent(state.progress);
     field("step").textContent = state.max_steps ? state.current_step + " / " + state.max_steps : "–";
-    field("epoch").textContent = FTP.fmt.sig(state.epoch, 3);
+    const kinds = state.nonfinite || {}; // NaN / ±infinity from swift: null here, its kind there
+    field("epoch").textContent = FTP.fmt.sig(state.epoch, 3, kinds.epoch);
     field("eta").textContent = state.status === "running" ? FTP.fmt.duration(state.eta_seconds) : "–";
-    field("loss").textContent = FTP.fmt.sig(state.loss, 4);
-    field("lr").textContent = FTP.fmt.sig(state.learning_rate, 3);
+    field("loss").textContent = FTP.fmt.sig(state.loss, 4, kinds.loss);
+    field("lr").textContent = FTP.fmt.sig(state.learning_rate, 3, kinds.learning_rate);
     field("checkpoint").textContent = state.last_checkpoint || "–";
     root.querySelectorAll("[data-show-when-active]").forEach(function (node) { node.hidden = !state.is_active; });
     // Resume: a stopped or failed task with a checkpoint (the server checks again).
@@ -100,6 +101,7 @@
   }
 
   function series(kind, key) {
+    // A step swift logged as NaN / ±infinity has a null value here: the line skips it.
     const out = [];
     points[kind].forEach(function (point, step) {
       if (point[key] !== null && point[key] !== undefined) out.push({ x: step, y: point[key] });

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from django.db import models
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -52,11 +54,30 @@ class TaskCreateSerializer(serializers.Serializer):
         return attrs
 
 
+class FiniteFloatField(serializers.FloatField):
+    """A float as JSON, where NaN and ±infinity do not exist: those are ``null``. (The platform
+    stores them as null anyway and keeps their kind beside them: ``metrics.nonfinite`` of a task,
+    ``values.nonfinite`` of a metric point, e.g. ``{"loss": "nan", "grad_norm": "inf"}``.)"""
+
+    def to_representation(self, value: Any) -> float | None:
+        number = super().to_representation(value)
+        return number if math.isfinite(number) else None
+
+
+#: Model float columns are serialised with :class:`FiniteFloatField`.
+_FINITE_FIELD_MAPPING = {**serializers.ModelSerializer.serializer_field_mapping, models.FloatField: FiniteFloatField}
+
+
 class TaskSerializer(serializers.ModelSerializer):
+    """A task. ``loss``, ``learning_rate`` and ``current_epoch`` follow the latest training step; a
+    value swift reported as NaN or ±infinity is ``null`` here and its kind is in
+    ``metrics.nonfinite`` (``{"loss": "nan"}``), as are the summary's (``train_loss``)."""
+
+    serializer_field_mapping = _FINITE_FIELD_MAPPING
     owner = serializers.CharField(source="owner.username", read_only=True)
     command_line = serializers.CharField(read_only=True)
-    elapsed_seconds = serializers.FloatField(read_only=True)
-    current_epoch = serializers.FloatField(source="epoch", read_only=True)
+    elapsed_seconds = FiniteFloatField(read_only=True)
+    current_epoch = FiniteFloatField(source="epoch", read_only=True)
     stop_requested = serializers.SerializerMethodField()
     gpu_memory_usage = serializers.SerializerMethodField()
     can_resume = serializers.BooleanField(read_only=True, help_text="Stopped or failed, with a checkpoint.")
@@ -185,6 +206,11 @@ class LogPageSerializer(serializers.Serializer):
 
 
 class MetricSerializer(serializers.ModelSerializer):
+    """One logged step. A value swift reported as NaN or ±infinity is ``null``; ``values.nonfinite``
+    names its kind (``{"loss": "nan", "grad_norm": "inf"}``)."""
+
+    serializer_field_mapping = _FINITE_FIELD_MAPPING
+
     class Meta:
         model = TaskMetric
         fields = ["step", "kind", "epoch", "loss", "learning_rate", "grad_norm", "token_acc", "memory_gib",

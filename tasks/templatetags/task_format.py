@@ -32,16 +32,24 @@ def format_duration(seconds: Any) -> str:
     return _("%(s)ds") % {"s": secs}
 
 
-def format_significant(value: Any, digits: int = 4) -> str:
-    """A float to ``digits`` significant digits (``2.345678`` → ``2.346``, ``1e-4`` → ``0.0001``)."""
+#: How a value swift reported non-finite is shown (by its kind, as stored beside a null; see
+#: ``tasks.publisher.NONFINITE_KEY``). ``FTP.fmt.nonfinite`` in static/js/app.js says the same.
+NONFINITE_TEXT = {"nan": "NaN", "inf": "∞", "-inf": "−∞"}
+
+
+def format_significant(value: Any, digits: int = 4, kind: str | None = None) -> str:
+    """A float to ``digits`` significant digits (``2.345678`` → ``2.346``, ``1e-4`` → ``0.0001``);
+    NaN / ±infinity as ``NaN`` / ``∞`` / ``−∞``, also for a null whose ``kind`` says it was one."""
     if value is None or value == "":
-        return "–"
+        return NONFINITE_TEXT.get(kind or "", "–")
     try:
         number = float(value)
     except (TypeError, ValueError):
         return str(value)
-    if not math.isfinite(number):
-        return str(number)
+    if math.isnan(number):
+        return NONFINITE_TEXT["nan"]
+    if math.isinf(number):
+        return NONFINITE_TEXT["inf" if number > 0 else "-inf"]
     return f"{number:.{digits}g}"
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gpus.agent import announce_once, run_forever
+from gpus.services import HostNameInUse, WorkerIdentity, host_claim, host_release
 
 
 class Command(BaseCommand):
@@ -15,9 +17,23 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true", help="One discovery, then exit.")
         parser.add_argument("--parent", type=int, default=None, help="Exit when this process is gone.")
+        parser.add_argument("--instance", default=None,
+                            help="The worker instance that holds this host name (set by manage.py worker).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["once"]:
-            announce_once()
+            announce_once(instance=options["instance"])
             return
-        run_forever(parent_pid=options["parent"])
+        if options["instance"]:
+            run_forever(parent_pid=options["parent"], instance=options["instance"])
+            return
+        # On its own, the agent holds the host name like a worker does.
+        me = WorkerIdentity()
+        try:
+            host_claim(name=settings.FINETUNE_HOST, me=me)
+        except HostNameInUse as exc:
+            raise CommandError(str(exc)) from None
+        try:
+            run_forever(parent_pid=options["parent"], instance=me.instance)
+        finally:
+            host_release(name=settings.FINETUNE_HOST, instance=me.instance)

@@ -10,6 +10,7 @@ that holds its GPUs.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import subprocess
@@ -20,17 +21,20 @@ from typing import Any
 
 import psutil
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 from django_q.cluster import Cluster
 from django_q.conf import Conf
 from django_q.models import Schedule
 
 from deployments.runner import reconcile_host as reconcile_deployments
 from gpus.inventory import discover
-from gpus.services import default_cpu_slots
+from gpus.services import HostNameInUse, WorkerIdentity, default_cpu_slots, host_claim, host_release
 from tasks.process import stop_group, worker_shutdown_begin, worker_shutdown_prepare
 from tasks.runner import reconcile_host
 from tasks.scheduler import dispatch_pending
+
+logger = logging.getLogger(__name__)
 
 #: How long the cluster may take to stop in order (runners stop their swift groups within
 #: SHUTDOWN_GRACE_SECONDS and record why) before whatever is left is killed.
@@ -99,14 +103,36 @@ def _kill_leftovers(known: dict[int, psutil.Process]) -> list[int]:
     return killed
 
 
+def _claim_host_name() -> WorkerIdentity:
+    """Hold ``FINETUNE_HOST`` for this worker, or refuse to start: a second live worker with the same
+    name would reconcile away the first one's tasks and run its jobs with GPUs it does not have."""
+    me = WorkerIdentity()
+    try:
+        host_claim(name=settings.FINETUNE_HOST, me=me)
+    except HostNameInUse as exc:
+        raise CommandError(str(exc)) from None
+    return me
+
+
+def _release_host_name(me: WorkerIdentity) -> None:
+    try:
+        # A fresh connection: the cluster's forked processes inherited this one's socket, and
+        # PostgreSQL closed it when they ended.
+        connections.close_all()
+        host_release(name=settings.FINETUNE_HOST, instance=me.instance)
+    except Exception:  # noqa: BLE001 - the name frees itself once the host is stale
+        logger.warning("could not give back the host name %s", settings.FINETUNE_HOST, exc_info=True)
+
+
 class Command(BaseCommand):
     help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        me = _claim_host_name()  # first: before the agent or the reconcile touch anything of this host
         stop = _StopSignals()
         # The GPU agent runs as its own process (not a thread: django-q2 forks its workers).
-        agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid())],
-                                 cwd=settings.BASE_DIR)
+        agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid()),
+                                  "--instance", me.instance], cwd=settings.BASE_DIR)
         atexit.register(_stop, agent)
         lost = reconcile_host() + reconcile_deployments()  # deployments' swift groups too
         if lost:
@@ -142,7 +168,10 @@ class Command(BaseCommand):
                 if beat % 4 == 0:  # remembered: a process orphaned later (group signal) is still ours
                     known.update(_descendants())
         finally:
-            self.shut_down(cluster, known, agent)
+            try:
+                self.shut_down(cluster, known, agent)
+            finally:
+                _release_host_name(me)  # a clean stop: a restart may take the name at once
 
     def shut_down(self, cluster: Cluster, known: dict[int, psutil.Process], agent: subprocess.Popen[bytes]) -> None:
         """Stop in order: runners stop their swift groups and record why, the cluster stops its
