@@ -71,7 +71,9 @@ def inventory_snapshot(*, everything: bool = False) -> list[Any]:
     from gpus.placement import GpuSlot, HostState
 
     states = []
-    hosts = Host.objects.all() if everything else Host.objects.live().filter(enabled=True)
+    # A host known only by its worker's name claim (its agent has not reported yet) has no known
+    # inventory: counting it as "a host with nothing" would refuse requests while a worker starts.
+    hosts = Host.objects.filter(last_seen_at__isnull=False) if everything else Host.objects.live().filter(enabled=True)
     for host in hosts.prefetch_related("gpus", "reservations"):
         gpus = [GpuSlot(id=g.pk, host=host.name, index=g.index, uuid=g.uuid, memory_total_mb=g.memory_total_mb)
                 for g in host.gpus.all() if g.present and (g.enabled or everything)]

@@ -12,7 +12,10 @@ from django.db.models.functions import Now
 
 from gpus.inventory import Discovery, parse_fake_gpus
 from gpus.models import Gpu, Host
+from gpus.placement import Request, impossible_reason
+from gpus.selectors import inventory_snapshot
 from gpus.services import HostNameInUse, WorkerIdentity, host_announce, host_claim, host_release
+from tasks.services import finetuning_task_create
 
 pytestmark = pytest.mark.django_db
 
@@ -108,3 +111,18 @@ def test_the_agent_of_a_worker_that_lost_its_name_writes_nothing() -> None:
         parse_fake_gpus("1x80", "b")[0].uuid
     ]
 
+
+
+def test_a_host_only_claimed_by_its_starting_worker_makes_no_request_impossible(alice: object) -> None:
+    """Between a worker's name claim and its agent's first announcement the host's inventory is
+    unknown, not empty: a task created in that second is accepted (it used to be refused with "no
+    host offers GPUs or CPU slots", a 400 on the new-task page right after `make run`)."""
+    me = worker_on("box-a", 123)
+    host_claim(name="starting", me=me)
+    assert impossible_reason(Request(kind="auto"), inventory_snapshot(everything=True)) is None
+    task = finetuning_task_create(owner=alice, name="early", base_model="Qwen/Qwen2.5-0.5B-Instruct",
+                                  datasets=["builtin:smoke_sft"], gpu_config={})
+    assert task.pk is not None
+    host_announce(name="starting", discovery=Discovery("none", []), cpu_slots=0, instance=me.instance)
+    reason = impossible_reason(Request(kind="auto"), inventory_snapshot(everything=True))
+    assert reason == "no host offers GPUs or CPU slots"  # once it has reported, what it has counts
