@@ -85,6 +85,7 @@ class Terminal:
             os.execvpe("make", ["make", "run", f"PORT={port}"], env)
         self.output = bytearray()
         self.exit_status: int | None = None
+        self.seen: dict[int, psutil.Process] = {}  # every process of the run, for the cleanup
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -97,6 +98,15 @@ class Terminal:
             if not chunk:
                 return
             self.output += chunk
+
+    def processes(self) -> list[psutil.Process]:
+        """make's descendants now (daphne and the worker run in sessions of their own), remembered."""
+        try:
+            found = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            found = []
+        self.seen.update({p.pid: p for p in found})
+        return found
 
     def text(self) -> str:
         return self.output.decode(errors="replace")
@@ -112,10 +122,41 @@ class Terminal:
         return self.exit_status is not None
 
     def close(self) -> None:
+        """Whatever the test did: stop the run as a user would, then kill every process it had
+        (the servers' own sessions included), so a failed test leaves nothing running."""
         if not self.exited():
-            os.killpg(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            self.processes()
+            self.type_ctrl_c()
+            deadline = time.monotonic() + 40
+            while not self.exited() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.exited():
+                os.killpg(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        for pid, proc in self.seen.items():
+            try:
+                if alive(proc):
+                    if os.getpgid(pid) == pid:
+                        os.killpg(pid, signal.SIGKILL)
+                    else:
+                        proc.kill()
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
         os.close(self.fd)
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def command_of(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile (a short-lived helper process)
+        return ""
 
 
 def accepts(port: int) -> bool:
@@ -135,17 +176,17 @@ def test_ctrl_c_in_the_terminal_stops_make_run_and_every_process_it_started(tmp_
         pk = int(created.split("TASK", 1)[1].split()[0])
 
         def swift_with_child() -> psutil.Process | None:
-            for proc in psutil.Process(term.pid).children(recursive=True):
+            for proc in term.processes():
                 try:
-                    if "fake_swift.py" in " ".join(proc.cmdline()) and proc.children():
+                    if "fake_swift.py" in command_of(proc) and proc.children():
                         return proc
-                except psutil.Error:  # a short-lived process (migrate, a shell) ended meanwhile
+                except psutil.Error:  # ended meanwhile
                     continue
             return None
 
         swift = wait_for(swift_with_child, timeout=90)
-        everything = psutil.Process(term.pid).children(recursive=True)
-        names = " ".join(" ".join(p.cmdline()) for p in everything if p.is_running())
+        everything = term.processes()
+        names = " ".join(command_of(p) for p in everything)
         assert "daphne" in names and "manage.py worker" in names and "gpu_agent" in names, names
         assert swift in everything
 
@@ -154,8 +195,8 @@ def test_ctrl_c_in_the_terminal_stops_make_run_and_every_process_it_started(tmp_
         wait_for(term.exited, timeout=60, interval=0.2)
         took = time.monotonic() - started
 
-        left = [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"left behind: {[(p.pid, p.cmdline()) for p in left]}\n{term.text()}"
+        left = [p for p in everything if alive(p)]
+        assert not left, f"left behind: {[(p.pid, command_of(p)) for p in left]}\n{term.text()}"
         assert took < 25, f"Ctrl-C took {took:.1f} s\n{term.text()}"
         assert not accepts(port)
         assert "Stopped" in term.text(), term.text()
