@@ -43,7 +43,7 @@ from tasks.process import (
     stop_launched,
     worker_shutting_down,
 )
-from tasks.publisher import Backoff, database_failed, retry_database
+from tasks.publisher import Backoff, database_failed, retry_database, stop_requested
 from tasks.swift_failures import explain_failure
 from tasks.swift_output import LogSplitter
 
@@ -207,15 +207,8 @@ class ExportRun:
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
             return
-        if not self.db.ready():
-            return
-        try:
-            row = TaskExport.objects.filter(pk=self.export.pk).values("stop_requested_at").first()
-        except DatabaseError as exc:  # the database is away: no stop was asked for that we know of
-            database_failed(exc, what=f"Reading the stop request of export {self.export.pk}", backoff=self.db)
-            return
-        self.db.succeeded()
-        if row is None or row["stop_requested_at"] is not None:
+        if stop_requested(TaskExport, self.export.pk, backoff=self.db,
+                          what=f"Reading the stop request of export {self.export.pk}"):
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
 

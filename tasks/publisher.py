@@ -183,6 +183,21 @@ def retry_database(write: Callable[[], T], *, what: str, backoff: Backoff | None
         return result
 
 
+def stop_requested(model: Any, pk: int, *, backoff: Backoff, what: str) -> bool:
+    """Whether the row ``model(pk)`` asks for a stop (or is gone: only an operator's raw delete does
+    that). While the database is away the answer is False: no stop was asked that we know of, and a
+    run is never stopped for an outage. Reads wait for ``backoff`` after a failure."""
+    if not backoff.ready():
+        return False
+    try:
+        row = model.objects.filter(pk=pk).values("stop_requested_at").first()
+    except DatabaseError as exc:
+        database_failed(exc, what=what, backoff=backoff)
+        return False
+    backoff.succeeded()
+    return row is None or row["stop_requested_at"] is not None
+
+
 # --- the publisher -----------------------------------------------------------------------------------
 @dataclass
 class _Event:

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import psutil
 from django.conf import settings
-from django.db import DatabaseError
 from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -52,7 +51,7 @@ from tasks.process import (
     supervision_lost,
     worker_shutting_down,
 )
-from tasks.publisher import Backoff, ProgressPublisher, database_failed, retry_database
+from tasks.publisher import Backoff, ProgressPublisher, retry_database, stop_requested
 from tasks.scheduler import task_requeue
 from tasks.selectors import run_folders
 from tasks.swift_failures import explain_failure
@@ -283,16 +282,8 @@ class TaskRun:
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
             return
-        if not self.reads.ready():
-            return
-        try:
-            row = FinetuningTask.objects.filter(pk=self.task.pk).values("stop_requested_at").first()
-        except DatabaseError as exc:  # the database is away: no stop was asked for that we know of
-            database_failed(exc, what=f"Reading the stop request of task {self.task.pk}", backoff=self.reads)
-            return
-        self.reads.succeeded()
-        if row is None or row["stop_requested_at"] is not None:
-            # Stop requested (or the row vanished, which only an operator's raw delete does).
+        if stop_requested(FinetuningTask, self.task.pk, backoff=self.reads,
+                          what=f"Reading the stop request of task {self.task.pk}"):
             signal_group(self.proc.pid, signal.SIGTERM)
             self.stop_signalled_at = time.monotonic()
 
