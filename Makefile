@@ -57,6 +57,7 @@ browser:
 
 check:
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python manage.py check
 	$(VENV)/bin/python manage.py makemigrations --check --dry-run
 	$(VENV)/bin/python manage.py spectacular --validate --fail-on-warn --file /dev/null

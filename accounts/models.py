@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from finetune_platform.ownership import OwnedQuerySet
+from core.ownership import OwnedQuerySet
 
 TOKEN_PREFIX = "ftp_"
 

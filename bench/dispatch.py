@@ -77,12 +77,15 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
-    from gpus.models import Host
+    from gpus.models import RUN_ACTIVE_STATUSES, Host, Reservation, Run
     from tasks import services
     from tasks.models import FinetuningTask, TaskStatus
 
     call_command("migrate", verbosity=0)
+    # What an earlier run of the bench left waiting must not start now.
     FinetuningTask.objects.filter(status__in=["pending", "queued", "running"]).update(status="failed")
+    Run.objects.filter(status__in=[*RUN_ACTIVE_STATUSES, "lost"]).update(status="failed")
+    Reservation.objects.all().delete()
     user, _ = User.objects.get_or_create(username="bench-dispatch")
 
     def create(name: str) -> FinetuningTask:
@@ -104,7 +107,7 @@ def main() -> None:
                 raise SystemExit(f"tasks did not finish within {timeout} s; see {work}/worker.log")
             time.sleep(0.02)
         failed = list(FinetuningTask.objects.filter(pk__in=ids, status=TaskStatus.FAILED).values_list(
-            "error_message", flat=True))
+            "run__error", flat=True))
         if failed:
             raise SystemExit(f"a task failed: {failed[0]}")
 

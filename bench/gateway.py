@@ -197,8 +197,10 @@ def main() -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
-        for row in Deployment.objects.exclude(pid__isnull=True):
-            from tasks.process import process_matches, stop_group
+        from gpus.models import Run
+        from gpus.process import process_matches, stop_group
+
+        for row in Run.objects.filter(kind="deploy").exclude(pid__isnull=True):
 
             if process_matches(row.pid, row.process_started):
                 stop_group(row.pid, grace=2)

@@ -56,6 +56,7 @@ def main() -> None:
     from rest_framework.test import APIClient
 
     from accounts.services import api_token_create
+    from gpus.models import Run
     from tasks import services
     from tasks.command import build_argv, build_env
     from tasks.models import FinetuningTask
@@ -106,7 +107,9 @@ def main() -> None:
         run_dir = work / "direct" / str(i)
         run_dir.mkdir(parents=True)
         argv = build_argv(template, output_dir=run_dir / "output")
-        env = build_env(template, workdir=run_dir).env
+        # An unsaved run that holds no reservation: a CPU slot (no GPU visible), like the platform's.
+        env = build_env(template, run=Run(pk=10_000_000 + i, kind="train", subject_id=template.pk),
+                        workdir=run_dir).env
         start = time.perf_counter()
         with (run_dir / "train.log").open("wb") as log:
             rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env,

@@ -9,9 +9,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
+from core.admin import OwnedAdminMixin
 from deployments import services
 from deployments.models import Deployment, DeploymentLogLine
-from tasks.admin import OwnedAdminMixin
 
 RUNTIME_FIELDS = [
     "status", "host", "port", "pid", "process_started", "runner_pid", "heartbeat_at", "command", "log_file_path",

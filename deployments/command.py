@@ -17,10 +17,13 @@ from typing import Any
 
 from django.conf import settings
 
+from core.swift_cli.env import LaunchEnv, LaunchError, base_env
+from core.swift_cli.estimate import parameters_for
+from core.swift_cli.training_args import ArgSpec, TrainingArgsError, args_to_argv, validate_args
 from deployments.models import Deployment, DeploymentSource, InferenceBackend
-from gpus.estimate import parameters_for
-from tasks.command import LaunchEnv, LaunchError, apply_reserved_gpus, base_env, ensure_checkpoint_base_model
-from tasks.training_args import ArgSpec, TrainingArgsError, args_to_argv, validate_args
+from gpus.models import Run
+from gpus.selectors import apply_reserved_gpus
+from tasks.command import ensure_checkpoint_base_model
 
 HOST = "127.0.0.1"
 
@@ -33,7 +36,7 @@ def _spec(kind: str, **kwargs: Any) -> ArgSpec:
 DEPLOY_ARGS: dict[str, ArgSpec] = {
     "model_type": _spec("name", max_length=100, help="swift model type, for a local folder swift cannot identify."),
     "template": _spec("name", max_length=100, help="Chat template, for a local folder swift cannot identify."),
-    "system": _spec("text", max_length=4000, help="Default system prompt."),
+    "system": _spec("text", max_length=4000, file_suffix=".txt", help="Default system prompt."),
     "torch_dtype": _spec("choice", choices=("bfloat16", "float16", "float32"), help="Weights dtype."),
     "max_length": _spec("int", minimum=16, maximum=1_048_576, unit="tokens", help="Longest prompt + answer."),
     "max_new_tokens": _spec("int", minimum=1, maximum=1_048_576, unit="tokens",
@@ -197,11 +200,11 @@ def redact(argv: list[str], secret: str) -> list[str]:
     return [("***" if value == secret else value) for value in argv]
 
 
-def build_env(deployment: Deployment, *, workdir: Path) -> LaunchEnv:
+def build_env(run: Run, *, workdir: Path) -> LaunchEnv:
     """The deployment's environment: the one every swift process gets (own caches, hub access off
-    when offline) and the GPUs the scheduler reserved (none for a CPU slot)."""
+    when offline) and the GPUs the scheduler reserved for its run (none for a CPU slot)."""
     env = base_env(workdir=workdir)
-    devices = apply_reserved_gpus(env, deployment.reservations)
+    devices = apply_reserved_gpus(env, run)
     return LaunchEnv(env=env, devices=devices)
 
 

@@ -16,12 +16,14 @@ held by the row itself: a conditional unique constraint makes ``(host, port)`` u
 from __future__ import annotations
 
 import shlex
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from finetune_platform.ownership import OwnedQuerySet
+from core.ownership import OwnedQuerySet
+from gpus.models import CurrentRun
 
 
 class DeploymentStatus(models.TextChoices):
@@ -49,12 +51,6 @@ class InferenceBackend(models.TextChoices):
 
 
 class DeploymentQuerySet(OwnedQuerySet):
-    def waiting(self) -> DeploymentQuerySet:
-        """Deployments the dispatcher still has to place, oldest first."""
-        return self.filter(
-            status=DeploymentStatus.PENDING, host="", stop_requested_at__isnull=True
-        ).order_by("created_at", "id")
-
     def visible(self) -> DeploymentQuerySet:
         """Deployments not being deleted (a deleted running deployment vanishes at once)."""
         return self.filter(delete_requested_at__isnull=True)
@@ -63,7 +59,7 @@ class DeploymentQuerySet(OwnedQuerySet):
         return self.filter(status__in=DEPLOYMENT_ACTIVE_STATUSES)
 
 
-class Deployment(models.Model):
+class Deployment(CurrentRun):
     """A model served by one ``swift deploy`` process group on one host, bound to 127.0.0.1.
 
     ``api_key`` is the per-deployment key swift requires; only the gateway (server side) uses it.
@@ -79,7 +75,6 @@ class Deployment(models.Model):
     memory_estimate_gb = models.FloatField(_("estimated GPU memory (GiB)"), null=True, blank=True)
     host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("Set when resources are reserved."))
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
-    stop_requested_at = models.DateTimeField(null=True, blank=True)
 
     # --- what is served --------------------------------------------------------------------------
     source = models.CharField(_("source"), max_length=16, choices=DeploymentSource.choices,
@@ -96,20 +91,10 @@ class Deployment(models.Model):
     # --- the process -----------------------------------------------------------------------------
     port = models.PositiveIntegerField(_("port"), null=True, blank=True)
     api_key = models.CharField(max_length=128, blank=True, editable=False)
-    pid = models.IntegerField(_("process id"), null=True, blank=True)
-    process_started = models.FloatField(null=True, blank=True,
-                                        help_text=_("The process's start time (pid reuse guard)."))
-    runner_pid = models.IntegerField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    command = models.JSONField(_("command"), default=list, blank=True)
     log_file_path = models.CharField(_("log file"), max_length=1000, blank=True)
     last_log_seq = models.PositiveIntegerField(default=0)
-    exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
-    error_message = models.TextField(_("error"), blank=True)
     stop_reason = models.CharField(_("stop reason"), max_length=300, blank=True)
-    started_at = models.DateTimeField(_("started"), null=True, blank=True)
     ready_at = models.DateTimeField(_("ready"), null=True, blank=True)
-    stopped_at = models.DateTimeField(_("stopped"), null=True, blank=True)
     delete_requested_at = models.DateTimeField(null=True, blank=True)
 
     # --- usage through the gateway ---------------------------------------------------------------
@@ -133,6 +118,11 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.name}"
+
+    @property
+    def stopped_at(self) -> datetime | None:
+        return self.run.finished_at if self.run is not None else None
+
 
     @property
     def is_active(self) -> bool:

@@ -17,11 +17,12 @@ import psutil
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from core.swift_cli.env import LaunchError
 from deployments.models import Deployment, DeploymentStatus
-from tasks.process import group_members
+from gpus.process import group_members
 
 
-class PortError(Exception):
+class PortError(LaunchError):
     """No port could be had; the message is shown to the user."""
 
 

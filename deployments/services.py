@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from core.errors import ServiceValidationError
+from core.live import publish
+from core.swift_cli.training_args import TrainingArgsError
 from deployments.command import (
     available_backends,
     check_served_model_name,
@@ -23,17 +27,22 @@ from deployments.command import (
     estimate_inference_memory_gb,
     validate_deploy_args,
 )
-from deployments.models import Deployment, DeploymentSource, DeploymentStatus, InferenceBackend
-from finetune_platform.errors import ServiceValidationError
+from deployments.logs import deployment_changed, deployment_group
+from deployments.models import (
+    DEPLOYMENT_ACTIVE_STATUSES,
+    Deployment,
+    DeploymentSource,
+    DeploymentStatus,
+    InferenceBackend,
+)
+from gpus.models import Lane, RunKind
 from gpus.placement import Request, impossible_reason
 from gpus.selectors import inventory_snapshot
-from gpus.services import reservations_release
+from gpus.services import run_create, run_stop, runs_delete
 from tasks.command import normalize_gpu_config
 from tasks.models import FinetuningTask, TrainType
 from tasks.paths import PathError, is_within, resolve_model, workspace_dir
-from tasks.scheduler import dispatch_on_commit
 from tasks.selectors import task_checkpoints
-from tasks.training_args import TrainingArgsError
 
 logger = logging.getLogger(__name__)
 
@@ -195,52 +204,42 @@ def deployment_create(
         folder = deployment_dir(owner.pk, deployment.pk)
         deployment.log_file_path = str(folder / "deploy.log")
         deployment.served_model_name = served or default_served_model_name(name, deployment.pk)
-        deployment.save(update_fields=["log_file_path", "served_model_name"])
-        dispatch_on_commit()
+        deployment.run = run_create(
+            kind=RunKind.DEPLOY, subject_id=deployment.pk, owner_id=owner.pk, lane=Lane.DEPLOY,
+            label=f"#{deployment.pk} {name}", log_file_path=deployment.log_file_path, gpu_config=gpu,
+            memory_estimate_gb=estimate,
+        )
+        deployment.save(update_fields=["log_file_path", "served_model_name", "run"])
+        deployment_changed(deployment)
     return deployment
 
 
 # --- stopping and ending ----------------------------------------------------------------------------
 def deployment_stop(*, deployment: Deployment, reason: str = "") -> Deployment:
-    """Stop a deployment; idempotent. A pending one stops at once (its reservation is released);
-    a starting or running one's runner is asked to stop its process group."""
-    now = timezone.now()
+    """Stop a deployment; idempotent. One that has not started stops at once (its reservation is
+    released); a starting or running one's supervisor is asked to stop its process group."""
     with transaction.atomic():
-        stopped_now = Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.PENDING).update(
-            status=DeploymentStatus.STOPPED, stop_requested_at=now, stopped_at=now,
-            stop_reason=reason or "Stopped before it started",
-        )
-        if stopped_now:
-            reservations_release(deployment_id=deployment.pk)
-    if stopped_now:
-        dispatch_on_commit()
-    else:
-        Deployment.objects.filter(
-            pk=deployment.pk, status__in=[DeploymentStatus.STARTING, DeploymentStatus.RUNNING],
-            stop_requested_at__isnull=True,
-        ).update(stop_requested_at=now, stop_reason=reason or "Stopped on request")
+        outcome = run_stop(run=deployment.run) if deployment.run is not None else ""
+        if outcome == "stopped":
+            Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.PENDING).update(
+                status=DeploymentStatus.STOPPED, stop_reason=reason or "Stopped before it started",
+            )
+        elif outcome == "requested":
+            Deployment.objects.filter(pk=deployment.pk).update(stop_reason=reason or "Stopped on request")
+        if outcome:
+            deployment_changed(deployment)
     deployment.refresh_from_db()
     return deployment
 
 
-def deployment_finish(*, deployment: Deployment, status: str, error: str = "", exit_code: int | None = None) -> bool:
-    """Move a starting or running deployment to ``stopped`` or ``failed`` (runner and reconciler).
-    Its GPUs / CPU slot are released in the same transaction and its port with the status (the
-    port is unique only among active deployments); then the queue is dispatched. Returns False if
-    it had already ended."""
-    now = timezone.now()
-    fields: dict[str, Any] = {"status": status, "stopped_at": now, "heartbeat_at": now, "exit_code": exit_code}
-    if error:
-        fields["error_message"] = error
-    with transaction.atomic():
-        changed = Deployment.objects.filter(
-            pk=deployment.pk, status__in=[DeploymentStatus.STARTING, DeploymentStatus.RUNNING]
-        ).update(**fields)
-        reservations_release(deployment_id=deployment.pk)
-    dispatch_on_commit()
-    row = Deployment.objects.filter(pk=deployment.pk).first()
-    if row is not None and row.delete_requested_at is not None:
-        deployment_purge(deployment=row)
+def deployment_finish(*, deployment: Deployment, status: str) -> bool:
+    """A deployment's run ended (its workload calls this inside the transaction that ends the run;
+    the reconciler for a run no supervisor will end): ``stopped`` or ``failed``. Its port is freed
+    with the status (the port is unique only among active deployments). Returns False if it had
+    ended already."""
+    changed = Deployment.objects.filter(pk=deployment.pk, status__in=DEPLOYMENT_ACTIVE_STATUSES).update(status=status)
+    if changed:
+        deployment_changed(deployment)
     return bool(changed)
 
 
@@ -262,9 +261,9 @@ def deployment_purge(*, deployment: Deployment) -> None:
     if folder is not None and is_within(folder, settings.WORKSPACES_DIR) and folder != settings.WORKSPACES_DIR:
         shutil.rmtree(folder, ignore_errors=True)
     with transaction.atomic():
-        reservations_release(deployment_id=deployment.pk)
+        runs_delete(kind=RunKind.DEPLOY, subject_ids=[deployment.pk])
         Deployment.objects.filter(pk=deployment.pk).delete()
-    dispatch_on_commit()
+        deployment_changed(deployment)
 
 
 def deployment_stop_idle(*, deployment_id: int | None = None) -> list[int]:
@@ -274,7 +273,7 @@ def deployment_stop_idle(*, deployment_id: int | None = None) -> list[int]:
     if not minutes:
         return []
     cutoff = timezone.now() - timedelta(minutes=minutes)
-    idle = Deployment.objects.filter(status=DeploymentStatus.RUNNING, stop_requested_at__isnull=True).filter(
+    idle = Deployment.objects.filter(status=DeploymentStatus.RUNNING, run__stop_requested_at__isnull=True).filter(
         Q(last_request_at__lt=cutoff) | Q(last_request_at__isnull=True, ready_at__lt=cutoff)
     )
     if deployment_id is not None:
@@ -287,6 +286,11 @@ def deployment_stop_idle(*, deployment_id: int | None = None) -> list[int]:
 
 
 # --- usage through the gateway ------------------------------------------------------------------------
+#: A deployment's page hears of new requests at most this often (each request is counted at once).
+USAGE_NOTICE_SECONDS = 1.0
+_usage_announced: dict[int, float] = {}
+
+
 def _record_usage(deployment_id: int, prompt_tokens: int, completion_tokens: int) -> None:
     with transaction.atomic():
         if connection.vendor == "postgresql":
@@ -300,6 +304,10 @@ def _record_usage(deployment_id: int, prompt_tokens: int, completion_tokens: int
             completion_tokens=F("completion_tokens") + max(0, int(completion_tokens)),
             last_request_at=timezone.now(),
         )
+        now = time.monotonic()
+        if now - _usage_announced.get(deployment_id, 0.0) >= USAGE_NOTICE_SECONDS:  # the counters on its page
+            _usage_announced[deployment_id] = now
+            publish(deployment_group(deployment_id), {"deployment": deployment_id})
 
 
 async def deployment_record_usage(*, deployment_id: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:

@@ -1,7 +1,7 @@
 """The deployment pages: list (with the new-deployment form) and detail (status, endpoint, a client
 snippet, the live log, stop, and a chat playground). Thin: reads go through the selectors (another
-user's deployment is a 404), changes through the services. The live parts poll the JSON API
-(``/api/deployments/<id>/`` and ``…/logs/?after=<seq>``); the playground posts to
+user's deployment is a 404), changes through the services. The live parts follow the socket
+``/ws/deployments/<id>/`` (``deployments.consumers``: state and log lines, no polling); the playground posts to
 :func:`playground_chat`, which streams from the model through the same proxy as the gateway."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_http_methods, require_POST
 
+from core.errors import ServiceValidationError
 from deployments import gateway, selectors, services
 from deployments.command import available_backends
 from deployments.forms import DeploymentForm
 from deployments.models import DeploymentStatus
-from finetune_platform.errors import ServiceValidationError
 from tasks.forms import apply_service_errors
 from tasks.paths import local_model_choices
 

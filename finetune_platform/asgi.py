@@ -1,7 +1,8 @@
 """ASGI entry point for daphne: HTTP goes to Django, WebSockets to Channels consumers.
 
-WebSockets pass the allowed-hosts origin check (cross-site WebSocket hijacking) and the session
-auth middleware; each consumer then authorises its own object (issue #4 adds the consumers).
+WebSockets pass the allowed-hosts origin check (cross-site WebSocket hijacking:
+``core.live.OriginCheck``) and the session auth middleware; each consumer then authorises its
+own object.
 """
 
 import os
@@ -13,13 +14,13 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402 - needs the app registry
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from core.live import OriginCheck  # noqa: E402
 from finetune_platform.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": OriginCheck(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

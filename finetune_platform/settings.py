@@ -16,8 +16,8 @@ from pathlib import Path
 
 import dj_database_url
 
-from finetune_platform.env import env_bool, env_float, env_int, env_list, env_paths, env_str
-from finetune_platform.queues import host_queue
+from core.env import env_bool, env_float, env_int, env_list, env_paths, env_str
+from core.queues import host_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -136,6 +136,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-db.sqlite3")}
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A database host that does not answer at all (not a refused connection) must not hold a
+    # supervisor's retry for the TCP timeout (minutes): the retry loop waits with backoff instead.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth --------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "finetune_platform.api.exception_handler",
+    "EXCEPTION_HANDLER": "core.api.exception_handler",
     # Password guessing against POST /api/auth/token/ (per client IP).
     "DEFAULT_THROTTLE_RATES": {"login": env_str("FINETUNE_LOGIN_RATE", "20/min")},
 }
@@ -203,7 +206,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("CHANNELS_PREFIX", "ftp")},
+            # redis-py's default socket timeout (5 s) equals channels-redis's blocking pop: an idle
+            # receive would time out and raise; a longer one keeps idle listeners quiet.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                       "prefix": env_str("CHANNELS_PREFIX", "ftp")},
         }
     }
 else:

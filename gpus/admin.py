@@ -5,7 +5,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from gpus import services
-from gpus.models import Gpu, Host, Reservation
+from gpus.models import Gpu, Host, Reservation, Run
+from gpus.scheduler import dispatch_on_commit
+from gpus.supervisor import runs_release_lost
 
 
 class GpuInline(admin.TabularInline):
@@ -24,6 +26,12 @@ class HostAdmin(admin.ModelAdmin):
     readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "agent_instance", "agent_pid",
                        "agent_machine", "agent_boot", "agent_started_at", "created_at"]
     inlines = [GpuInline]
+    actions = ["release_lost"]
+
+    @admin.action(description="Release the GPUs of lost runs (the host is gone for good)")
+    def release_lost(self, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+        released = sum(runs_release_lost(host=host) for host in queryset)
+        messages.success(request, f"Released {released} lost run(s); their GPUs and CPU slots are free.")
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
         if change:
@@ -33,8 +41,6 @@ class HostAdmin(admin.ModelAdmin):
         else:
             super().save_model(request, obj, form, change)
         if obj.enabled and "enabled" in form.changed_data:
-            from tasks.scheduler import dispatch_on_commit
-
             dispatch_on_commit()  # the host's capacity is back
 
 
@@ -83,8 +89,26 @@ class GpuAdmin(admin.ModelAdmin):
 
 @admin.register(Reservation)
 class ReservationAdmin(admin.ModelAdmin):
-    list_display = ["host", "gpu", "cpu_slot", "task", "deployment", "created_at"]
+    list_display = ["host", "gpu", "cpu_slot", "run", "created_at"]
     list_filter = ["host"]
-    search_fields = ["task__name", "deployment__name", "gpu__uuid"]
-    readonly_fields = ["host", "gpu", "cpu_slot", "task", "deployment", "created_at"]
-    list_select_related = ["host", "gpu", "task", "deployment"]
+    search_fields = ["run__label", "gpu__uuid"]
+    readonly_fields = ["host", "gpu", "cpu_slot", "run", "created_at"]
+    list_select_related = ["host", "gpu", "run"]
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    """Every supervised process (training runs, exports, deployments). Staff only: runs are changed by
+    the supervisor and the services, never by hand."""
+
+    list_display = ["id", "kind", "label", "owner", "status", "host", "pid", "heartbeat_at", "created_at"]
+    list_filter = ["kind", "status", "host"]
+    search_fields = ["label", "owner__username", "host"]
+    list_select_related = ["owner"]
+    readonly_fields = [f.name for f in Run._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_staff and request.user.is_superuser)

@@ -11,10 +11,13 @@ import time
 from django.conf import settings
 from django.db import close_old_connections
 
+from core.live import publish
 from gpus.inventory import discover
+from gpus.scheduler import INVENTORY_GROUP, dispatch
 from gpus.services import HostNameInUse, default_cpu_slots, host_announce
 
 logger = logging.getLogger(__name__)
+
 
 
 def announce_once(*, instance: str | None = None) -> bool:
@@ -22,10 +25,10 @@ def announce_once(*, instance: str | None = None) -> bool:
     discovery = discover()
     changed = host_announce(name=settings.FINETUNE_HOST, discovery=discovery, cpu_slots=default_cpu_slots(discovery),
                             instance=instance)
+    # Every round: the readings (memory, utilization, temperature) the GPUs page shows move.
+    publish(INVENTORY_GROUP, {"host": settings.FINETUNE_HOST, "changed": bool(changed)})
     if changed:
-        from tasks.scheduler import dispatch_pending
-
-        dispatch_pending()
+        dispatch()
     return changed
 
 

@@ -1,18 +1,18 @@
 """Reads of the inventory. GPUs are shared, not owned: everyone sees every GPU, but a holder task
 is named only to its owner and to staff. The GPUs and queue pages and their socket render
-:func:`gpu_overview` and :func:`queue_overview`."""
+:func:`gpu_overview` (the queue page is the tasks app's: ``tasks.selectors.queue_overview``)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
-from django.urls import NoReverseMatch, reverse
-from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_noop
 
-from gpus.models import Gpu, Host, Reservation
+from gpus.models import Gpu, Host, Reservation, Run
+from gpus.placement import GpuSlot, HostState
+from gpus.workloads import workload_for
 
 
 def gpu_list() -> QuerySet[Gpu]:
@@ -20,7 +20,7 @@ def gpu_list() -> QuerySet[Gpu]:
     return (
         Gpu.objects.prefetch_related(
             Prefetch("host", queryset=Host.objects.with_silence()),
-            Prefetch("reservations", queryset=Reservation.objects.select_related("task", "deployment")),
+            Prefetch("reservations", queryset=Reservation.objects.select_related("run")),
         )
         .order_by("host__name", "index")
     )
@@ -43,23 +43,30 @@ def gpu_state(gpu: Gpu) -> str:
 
 
 def reservation_holder(reservation: Reservation, user: Any) -> dict[str, Any] | None:
-    """The task or deployment behind a reservation: named to its owner and staff, anonymous to others."""
-    holder = reservation.task or reservation.deployment
-    if holder is None:
-        return None
-    kind = "task" if reservation.task_id else "deployment"
-    if user.is_staff or holder.owner_id == user.pk:
-        return {"kind": kind, kind: holder.pk, "name": holder.name, "status": holder.status}
-    return {"kind": kind, kind: None, "name": f"another user's {kind}", "status": holder.status}
+    """The run behind a reservation, in its workload's words: named to its owner and staff,
+    anonymous to others."""
+    return workload_for(reservation.run.kind).holder(reservation.run, user)
 
 
-def gpu_holder(gpu: Gpu, user: Any) -> dict[str, Any] | None:
-    """Who holds a GPU, by the rule of :func:`reservation_holder`."""
+def gpu_holder(gpu: Gpu, user: Any, holders: dict[int, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Who holds a GPU, by the rule of :func:`reservation_holder` (from ``holders``, as
+    :func:`run_holders` read them, when given)."""
     for reservation in gpu.reservations.all():
-        holder = reservation_holder(reservation, user)
-        if holder is not None:
-            return holder
+        if holders is not None and reservation.run_id in holders:
+            return holders[reservation.run_id]
+        return reservation_holder(reservation, user)
     return None
+
+
+def run_holders(reservations: list[Reservation], user: Any) -> dict[int, dict[str, Any]]:
+    """The holders of many reservations, one query per kind of run (keyed by run id)."""
+    by_kind: dict[str, dict[int, Run]] = {}
+    for reservation in reservations:
+        by_kind.setdefault(reservation.run.kind, {})[reservation.run_id] = reservation.run
+    holders: dict[int, dict[str, Any]] = {}
+    for kind, runs in by_kind.items():
+        holders.update(workload_for(kind).holders(list(runs.values()), user))
+    return holders
 
 
 def inventory_snapshot(*, everything: bool = False) -> list[Any]:
@@ -68,8 +75,6 @@ def inventory_snapshot(*, everything: bool = False) -> list[Any]:
     ``everything``: every known host and present GPU, live or not, enabled or draining — what the
     platform *has*, to decide whether a request could ever run (a drained GPU or a restarting
     worker must not turn a request into "impossible")."""
-    from gpus.placement import GpuSlot, HostState
-
     states = []
     # A host known only by its worker's name claim (its agent has not reported yet) has no known
     # inventory: counting it as "a host with nothing" would refuse requests while a worker starts.
@@ -87,14 +92,17 @@ def inventory_snapshot(*, everything: bool = False) -> list[Any]:
     return states
 
 
-def task_gpu_memory_usage(task: Any) -> dict[str, dict[str, int]]:
-    """``{index: {memory_used, memory_total, utilization}}`` (MiB, %) of the GPUs a task holds —
+def run_gpu_memory_usage(run: Run | None, gpu_config: dict[str, Any] | None = None) -> dict[str, dict[str, int]]:
+    """``{index: {memory_used, memory_total, utilization}}`` (MiB, %) of the GPUs a run holds —
     the seed's ``gpu_memory_usage`` — from its reservations, or from the devices it named on its host."""
-    # Through the relation, so a list prefetched by tasks.selectors.finetuning_task_list costs no query.
-    gpus = [r.gpu for r in task.reservations.all() if r.gpu_id is not None]
-    if not gpus and task.host and (task.gpu_config or {}).get("devices"):
-        wanted = str(task.gpu_config["devices"]).split(",")
-        gpus = [g for g in Gpu.objects.filter(host__name=task.host) if str(g.index) in wanted or g.uuid in wanted]
+    if run is None:
+        return {}
+    # Through the relation, so a prefetched list costs no query.
+    gpus = [r.gpu for r in run.reservations.all() if r.gpu_id is not None]
+    devices = (gpu_config if gpu_config is not None else run.gpu_config or {}).get("devices")
+    if not gpus and run.host and devices:
+        wanted = str(devices).split(",")
+        gpus = [g for g in Gpu.objects.filter(host__name=run.host) if str(g.index) in wanted or g.uuid in wanted]
     return {
         str(g.index): {"memory_used": g.memory_used_mb, "memory_total": g.memory_total_mb,
                        "utilization": g.utilization_pct}
@@ -102,20 +110,21 @@ def task_gpu_memory_usage(task: Any) -> dict[str, dict[str, int]]:
     }
 
 
+def apply_reserved_gpus(env: dict[str, str], run: Run) -> list[str]:
+    """Show a process exactly the GPUs the scheduler reserved for its run: their UUIDs (NVML
+    indices can differ from the CUDA order and across reboots) in index order; a CPU slot hides
+    every GPU. Returns the UUIDs."""
+    reserved = sorted((r for r in run.reservations.select_related("gpu") if r.gpu_id), key=lambda r: r.gpu.index)
+    devices = [r.gpu.uuid for r in reserved]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if devices:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return devices
+
+
 # --- payloads ------------------------------------------------------------------------------------
-def _holder_url(kind: str, pk: int) -> str | None:
-    try:
-        return reverse("task_detail" if kind == "task" else "deployment_detail", args=[pk])
-    except NoReverseMatch:
-        return None
-
-
-def _status_label(kind: str, status: str) -> str:
-    from deployments.models import DeploymentStatus
-    from tasks.models import TaskStatus
-
-    choices = TaskStatus.choices if kind == "task" else DeploymentStatus.choices
-    return str(dict(choices).get(status, status))
+_ANONYMOUS = {"task": gettext_noop("another user's task"), "deployment": gettext_noop("another user's deployment"),
+              "export": gettext_noop("another user's export")}
 
 
 def _holder_payload(holder: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -123,22 +132,11 @@ def _holder_payload(holder: dict[str, Any] | None) -> dict[str, Any] | None:
     if holder is None:
         return None
     kind = holder["kind"]
-    pk = holder.get(kind)
-    if pk is None:
-        name = _("another user's task") if kind == "task" else _("another user's deployment")
-    else:
-        name = holder["name"]
-    return {
-        "kind": kind,
-        "id": pk,
-        "name": name,
-        "status": holder["status"],
-        "status_label": _status_label(kind, holder["status"]),
-        "url": _holder_url(kind, pk) if pk is not None else None,
-    }
+    name = holder["name"] if holder.get("id") is not None else _(_ANONYMOUS.get(kind, "another user's run"))
+    return {**holder, "name": name, "status_label": holder.get("status_label") or holder["status"]}
 
 
-def _gpu_payload(gpu: Gpu, user: Any) -> dict[str, Any]:
+def _gpu_payload(gpu: Gpu, user: Any, holders: dict[int, dict[str, Any]]) -> dict[str, Any]:
     total = gpu.memory_total_mb
     return {
         "id": gpu.pk,
@@ -155,28 +153,31 @@ def _gpu_payload(gpu: Gpu, user: Any) -> dict[str, Any]:
         "enabled": gpu.enabled,
         "present": gpu.present,
         "state": gpu_state(gpu),
-        "holder": _holder_payload(gpu_holder(gpu, user)),
+        "holder": _holder_payload(gpu_holder(gpu, user, holders)),
     }
 
 
 def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
     """Every host (by name) with its GPUs (by index), their state and holder, and its CPU slots."""
     by_host: dict[int, list[Gpu]] = {}
-    for gpu in gpu_list():
+    gpus = list(gpu_list())
+    for gpu in gpus:
         by_host.setdefault(gpu.host_id, []).append(gpu)
-    slot_reservations = Reservation.objects.filter(cpu_slot__isnull=False).select_related("task", "deployment")
+    slot_reservations = Reservation.objects.filter(cpu_slot__isnull=False).select_related("run")
     hosts: list[Host] = list(
         host_list().prefetch_related(
             Prefetch("reservations", queryset=slot_reservations, to_attr="slot_reservations")
         )
     )
+    holders = run_holders([r for gpu in gpus for r in gpu.reservations.all()]
+                          + [r for host in hosts for r in host.slot_reservations], user)
     overview = []
     for host in hosts:
         held = {r.cpu_slot: r for r in host.slot_reservations}
         slots = []
         for slot in range(host.cpu_slots):
             reservation = held.get(slot)
-            holder = reservation_holder(reservation, user) if reservation is not None else None
+            holder = holders.get(reservation.run_id) if reservation is not None else None
             slots.append({"slot": slot, "holder": _holder_payload(holder)})
         overview.append({
             "name": host.name,
@@ -188,77 +189,6 @@ def gpu_overview(*, user: Any) -> list[dict[str, Any]]:
             "error": host.gpu_error,
             "cpu_slots": slots,
             "cpu_held": sum(1 for s in slots if s["holder"] is not None),
-            "gpus": [_gpu_payload(gpu, user) for gpu in by_host.get(host.pk, [])],
+            "gpus": [_gpu_payload(gpu, user, holders) for gpu in by_host.get(host.pk, [])],
         })
     return overview
-
-
-def request_label(kind: str, count: int, devices: list[str], min_memory_gb: float) -> str:
-    """What a waiting task asked for, in words: ``2 × GPU, ≥ 40 GiB each``, ``GPU 0,1``, ``CPU slot``."""
-    if kind == "cpu":
-        return _("a CPU slot")
-    if kind == "auto":
-        text = _("one GPU, or a CPU slot on a host without GPUs")
-    elif devices:
-        text = _("GPU %(devices)s") % {"devices": ",".join(devices)}
-    else:
-        text = _("%(n)s × GPU") % {"n": count}
-    if min_memory_gb:
-        text += " · " + _("≥ %(gb)s GiB each") % {"gb": f"{min_memory_gb:g}"}
-    return text
-
-
-def _to_minute(moment: datetime | None) -> datetime | None:
-    """An estimate to the minute: the page says "in ~12 min", and a start time that moves by
-    seconds on every read must not count as a change."""
-    if moment is None:
-        return None
-    return (moment + timedelta(seconds=30)).replace(second=0, microsecond=0)
-
-
-def queue_overview(*, user: Any) -> list[dict[str, Any]]:
-    """The waiting tasks in dispatch order (``queue_entries``), as the queue page shows them."""
-    from tasks.selectors import queue_entries
-
-    now = timezone.now()
-    entries = []
-    for entry in queue_entries(user=user):
-        task, r = entry.task, entry.request
-        count = r.count if r.kind == "gpu" else (0 if r.kind == "cpu" else 1)
-        min_memory_gb = round(r.min_memory_mb / 1024, 1)
-        start = _to_minute(entry.estimated_start)
-        entries.append({
-            "position": entry.position,
-            "visible": entry.visible,
-            "id": task.pk if entry.visible else None,
-            "name": task.name if entry.visible else _("another user's task"),
-            "owner": task.owner.get_username() if entry.visible else None,
-            "mine": task.owner_id == user.pk,
-            "url": reverse("task_detail", args=[task.pk]) if entry.visible else None,
-            "priority": task.priority,
-            "held": task.held,
-            "created_at": task.created_at,
-            "waited_seconds": max(0, round((now - task.created_at).total_seconds())),
-            "request": {"kind": r.kind, "count": count, "devices": list(r.devices), "min_memory_gb": min_memory_gb},
-            "request_label": request_label(r.kind, count, list(r.devices), min_memory_gb),
-            "estimated_start": start,
-            "starts_in_seconds": max(0, round((start - now).total_seconds())) if start else None,
-            "note": str(entry.note),
-        })
-    return entries
-
-
-def starts_in_text(seconds: float | None) -> str:
-    """``None`` → empty (the page shows the note instead); ``90`` → ``in ~2 min``; ``5400`` →
-    ``in ~1 h 30 min``. Mirrored by ``static/js/queue.js``."""
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return _("within a minute")
-    minutes = int(seconds / 60 + 0.5)
-    if minutes < 60:
-        return _("in ~%(m)s min") % {"m": minutes}
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return _("in ~%(h)s h %(m)s min") % {"h": hours, "m": minutes}
-    return _("in ~%(d)s d %(h)s h") % {"d": hours // 24, "h": hours % 24}

@@ -14,9 +14,11 @@ import psutil
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from gpus.inventory import Discovery
-from gpus.models import Gpu, Host, Reservation, stale_after
+from gpus.models import RUN_HOLDING_STATUSES, Gpu, Host, Reservation, Run, RunStatus, stale_after
+from gpus.scheduler import dispatch_on_commit, inventory_changed
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +107,11 @@ def host_release(*, name: str, instance: str) -> bool:
 
 
 def default_cpu_slots(discovery: Discovery) -> int:
-    """``FINETUNE_CPU_SLOTS`` if set; else 1 on a host without GPUs and 0 on a GPU host."""
+    """``FINETUNE_CPU_SLOTS`` if set; else 1 (on a GPU host it runs exports and tasks that ask for
+    the CPU; a task asking for "any" device takes a GPU there)."""
     if settings.FINETUNE_CPU_SLOTS is not None:
         return settings.FINETUNE_CPU_SLOTS
-    return 0 if discovery.gpus else 1
+    return 1
 
 
 def host_announce(*, name: str, discovery: Discovery, cpu_slots: int, instance: str | None = None) -> bool:
@@ -152,38 +155,83 @@ def host_announce(*, name: str, discovery: Discovery, cpu_slots: int, instance: 
 
 
 def gpu_set_enabled(*, gpu: Gpu, enabled: bool) -> Gpu:
-    """Enable a GPU, or disable (drain) it: a draining GPU takes no new task; its current task
+    """Enable a GPU, or disable (drain) it: a draining GPU takes no new run; its current run
     finishes. Enabling frees capacity, so the queue is dispatched."""
     Gpu.objects.filter(pk=gpu.pk).update(enabled=enabled)
+    inventory_changed()
     gpu.refresh_from_db()
     if enabled:
-        from tasks.scheduler import dispatch_on_commit
-
         dispatch_on_commit()
     return gpu
 
 
-def reservations_release(*, task_id: int | None = None, deployment_id: int | None = None) -> int:
-    """Free everything a task or a deployment holds. Returns how many reservations went; the
-    caller dispatches (after commit) so the freed resources go to the queue."""
-    if (task_id is None) == (deployment_id is None):
-        raise ValueError("name exactly one holder")
-    holder = {"task_id": task_id} if task_id is not None else {"deployment_id": deployment_id}
-    deleted, _ = Reservation.objects.filter(**holder).delete()
+# --- runs ---------------------------------------------------------------------------------------
+def run_create(
+    *, kind: str, subject_id: int, owner_id: int, label: str, lane: int, log_file_path: str, number: int = 1,
+    priority: int = 5, held: bool = False, gpu_config: dict[str, Any] | None = None,
+    memory_estimate_gb: float | None = None,
+) -> Run:
+    """Ask for a supervised process; the scheduler places it once the caller's transaction commits."""
+    run = Run.objects.create(
+        kind=kind, subject_id=subject_id, owner_id=owner_id, label=label[:255], lane=lane, number=number,
+        priority=priority, held=held, gpu_config=gpu_config or {}, memory_estimate_gb=memory_estimate_gb,
+        log_file_path=log_file_path,
+    )
+    dispatch_on_commit()
+    return run
+
+
+def run_stop(*, run: Run, reason: str = "") -> str:
+    """Stop a run; idempotent. Returns ``"stopped"`` when it had not started (it is ``stopped`` now,
+    its reservations released), ``"requested"`` when its supervisor was asked to stop the process,
+    or ``""`` when it had ended already. Call inside the subject's own transaction."""
+    now = timezone.now()
+    with transaction.atomic():
+        if Run.objects.filter(pk=run.pk, status__in=[RunStatus.PENDING, RunStatus.QUEUED]).update(
+            status=RunStatus.STOPPED, stop_requested_at=now, finished_at=now, error=reason,
+        ):
+            Reservation.objects.filter(run_id=run.pk).delete()
+            inventory_changed()
+            run.refresh_from_db()
+            dispatch_on_commit()
+            return "stopped"
+    if Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING, stop_requested_at__isnull=True).update(
+        stop_requested_at=now
+    ):
+        run.stop_requested_at = now
+        return "requested"
+    return ""
+
+
+def run_set_queue_fields(*, run_id: int | None, **fields: Any) -> bool:
+    """Change a waiting run's ``priority`` or ``held`` (the scheduler reads them); dispatches."""
+    if run_id is None or not Run.objects.filter(pk=run_id).update(**fields):
+        return False
+    dispatch_on_commit()
+    return True
+
+
+def runs_delete(*, kind: str, subject_ids: list[int]) -> int:
+    """Delete the runs of deleted subjects (their reservations go with them). Returns how many."""
+    if not subject_ids:
+        return 0
+    deleted, _ = Run.objects.filter(kind=kind, subject_id__in=subject_ids).delete()
+    dispatch_on_commit()
+    return deleted
+
+
+def reservations_release(*, run_id: int) -> int:
+    """Free everything a run holds. Returns how many reservations went; the caller dispatches
+    (after commit) so the freed resources go to the queue."""
+    deleted, _ = Reservation.objects.filter(run_id=run_id).delete()
     return deleted
 
 
 def reservations_release_orphans() -> int:
-    """Safety net for the sweep: delete reservations whose holder has ended (a code path that
-    forgot to release would otherwise block a GPU forever). Returns how many went."""
-    from deployments.models import DEPLOYMENT_ACTIVE_STATUSES
-    from tasks.models import TaskStatus
-
-    orphans = Reservation.objects.filter(
-        models.Q(task__isnull=False) & ~models.Q(task__status__in=[TaskStatus.QUEUED, TaskStatus.RUNNING])
-        | models.Q(deployment__isnull=False) & ~models.Q(deployment__status__in=DEPLOYMENT_ACTIVE_STATUSES)
-    )
-    deleted, _ = orphans.delete()
+    """Safety net for the sweep: delete reservations whose run has ended (a code path that forgot
+    to release would otherwise block a GPU forever). A lost run keeps its own. Returns how many went."""
+    deleted, _ = Reservation.objects.exclude(run__status__in=RUN_HOLDING_STATUSES).delete()
     if deleted:
-        logger.warning("released %d reservation(s) whose holder had ended", deleted)
+        logger.warning("released %d reservation(s) whose run had ended", deleted)
+        inventory_changed()
     return deleted

@@ -1,14 +1,11 @@
-"""The GPUs page (``/gpus/``) and the queue page (``/queue/``), with their actions.
+"""The GPUs page (``/gpus/``) and its actions (the queue page is the tasks app's: ``tasks.views``).
 
-Both render the payloads of ``gpus.consumers`` (the same data their socket ``/ws/gpus/`` sends),
-so the pages' JavaScript patches them in place. Changes go through the services: staff drain or
-enable a GPU with ``gpus.services.gpu_set_enabled``; the owner of a waiting task (or staff) changes
-its priority, holds, releases or cancels it with ``tasks.services``. Another user's task is a 404.
+It renders the payload its socket sends (``/ws/gpus/``: ``gpus.consumers``) with the same partials,
+which the socket sends rendered for the page to swap in. Staff drain or enable a GPU with
+``gpus.services.gpu_set_enabled``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -19,12 +16,9 @@ from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
-from finetune_platform.errors import ServiceValidationError
+from core.labels import live_labels
 from gpus import selectors, services
-from gpus.selectors import gpu_overview, queue_overview, starts_in_text
-from tasks import selectors as task_selectors
-from tasks import services as task_services
-from tasks.models import TaskStatus
+from gpus.selectors import gpu_overview
 
 
 def _state_labels() -> dict[str, str]:
@@ -37,32 +31,6 @@ def _state_labels() -> dict[str, str]:
     }
 
 
-def _common_labels() -> dict[str, Any]:
-    """Strings the pages' JavaScript shows, in the page's language."""
-    return {
-        "connected": _("Live"),
-        "connecting": _("Connecting…"),
-        "reconnecting": _("Reconnecting…"),
-        # The same formats as tasks/templatetags/task_format.py uses.
-        "durations": {
-            "dh": _("%(d)dd %(h)02dh"),
-            "hm": _("%(h)dh %(m)02dm"),
-            "ms": _("%(m)dm %(s)02ds"),
-            "s": _("%(s)ds"),
-        },
-    }
-
-
-def _error_text(exc: ServiceValidationError) -> str:
-    parts: list[str] = []
-    for message in exc.errors.values():
-        if isinstance(message, list):
-            parts.extend(str(m) for m in message)
-        else:
-            parts.append(str(message))
-    return "; ".join(parts)
-
-
 # --- GPUs ----------------------------------------------------------------------------------------
 @login_required
 def gpu_list(request: HttpRequest) -> HttpResponse:
@@ -70,7 +38,7 @@ def gpu_list(request: HttpRequest) -> HttpResponse:
     hosts = gpu_overview(user=request.user)
     gpus = [gpu for host in hosts for gpu in host["gpus"]]
     labels = {
-        **_common_labels(),
+        **live_labels(),
         "states": _state_labels(),
         "live": _("live"),
         "offline": _("offline"),
@@ -122,98 +90,3 @@ def gpu_enable(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def gpu_disable(request: HttpRequest, pk: int) -> HttpResponse:
     return _set_enabled(request, pk, enabled=False)
-
-
-# --- the queue -----------------------------------------------------------------------------------
-@login_required
-def queue(request: HttpRequest) -> HttpResponse:
-    """The waiting tasks in the order they start; owners (and staff) act on theirs."""
-    entries = queue_overview(user=request.user)
-    for entry in entries:
-        entry["starts_in_text"] = starts_in_text(entry["starts_in_seconds"])
-    labels = {
-        **_common_labels(),
-        "withinMinute": _("within a minute"),
-        "inMinutes": _("in ~%(m)s min"),
-        "inHours": _("in ~%(h)s h %(m)s min"),
-        "inDays": _("in ~%(d)s d %(h)s h"),
-        "summary": _("Waiting: %(n)s · on hold: %(held)s · yours: %(mine)s"),
-        "confirmCancel": _("Cancel “%(name)s”? It leaves the queue and is marked stopped."),
-    }
-    context = {
-        "entries": entries,
-        "held_count": sum(1 for entry in entries if entry["held"]),
-        "mine_count": sum(1 for entry in entries if entry["mine"]),
-        "live_labels": labels,
-        "ws_language": get_language(),
-    }
-    return render(request, "tasks/queue.html", context)
-
-
-@login_required
-@require_POST
-def queue_priority(request: HttpRequest, pk: int) -> HttpResponse:
-    task = task_selectors.finetuning_task_get(user=request.user, pk=pk)
-    raw = request.POST.get("priority", "").strip()
-    priority: Any
-    try:
-        priority = int(raw)
-    except ValueError:
-        priority = raw  # the service says what a priority must be
-    try:
-        task_services.finetuning_task_set_priority(task=task, priority=priority)
-    except ServiceValidationError as exc:
-        messages.error(
-            request,
-            _("The priority of “%(name)s” did not change: %(reason)s")
-            % {"name": task.name, "reason": _error_text(exc)},
-        )
-    else:
-        messages.success(request, _("“%(name)s” now has priority %(priority)s.") % {"name": task.name,
-                                                                                     "priority": task.priority})
-    return redirect("queue")
-
-
-@login_required
-@require_POST
-def queue_hold(request: HttpRequest, pk: int) -> HttpResponse:
-    task = task_selectors.finetuning_task_get(user=request.user, pk=pk)
-    try:
-        task_services.finetuning_task_hold(task=task)
-    except ServiceValidationError as exc:
-        messages.error(request, _("“%(name)s” was not held: %(reason)s") % {"name": task.name,
-                                                                          "reason": _error_text(exc)})
-    else:
-        messages.success(request, _("“%(name)s” is on hold: it keeps its place but does not start.") % {
-            "name": task.name})
-    return redirect("queue")
-
-
-@login_required
-@require_POST
-def queue_release(request: HttpRequest, pk: int) -> HttpResponse:
-    task = task_selectors.finetuning_task_get(user=request.user, pk=pk)
-    try:
-        task = task_services.finetuning_task_release(task=task)
-    except ServiceValidationError as exc:
-        messages.error(request, _("“%(name)s” was not released: %(reason)s") % {"name": task.name,
-                                                                              "reason": _error_text(exc)})
-    else:
-        if task.held:
-            messages.error(request, _("“%(name)s” was not released: it is %(status)s.") % {
-                "name": task.name, "status": task.get_status_display()})
-        else:
-            messages.success(request, _("“%(name)s” was released and may start.") % {"name": task.name})
-    return redirect("queue")
-
-
-@login_required
-@require_POST
-def queue_cancel(request: HttpRequest, pk: int) -> HttpResponse:
-    task = task_selectors.finetuning_task_get(user=request.user, pk=pk)
-    task = task_services.finetuning_task_stop(task=task)
-    if task.status == TaskStatus.RUNNING:
-        messages.info(request, _("“%(name)s” had already started; it is being stopped.") % {"name": task.name})
-    else:
-        messages.success(request, _("“%(name)s” was cancelled.") % {"name": task.name})
-    return redirect("queue")

@@ -10,18 +10,11 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from finetune_platform.errors import ServiceValidationError
+from core.admin import OwnedAdminMixin
+from core.errors import ServiceValidationError
+from gpus.services import run_set_queue_fields
 from tasks import services
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskExport, TaskLogLine, TaskMetric
-from tasks.scheduler import dispatch_on_commit
-
-
-class OwnedAdminMixin:
-    """Staff see all rows; anyone else with admin access sees only their own (404 otherwise)."""
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
-        qs = super().get_queryset(request)  # type: ignore[misc]
-        return qs.model.objects.for_user(request.user) if hasattr(qs.model.objects, "for_user") else qs
 
 
 class TaskEventInline(admin.TabularInline):
@@ -49,7 +42,7 @@ RUNTIME_FIELDS = [
 class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     list_display = ["id", "name", "owner", "task_type", "train_type", "status", "progress", "priority",
                     "host", "created_at", "finished_at"]
-    list_filter = ["status", "task_type", "train_type", "owner", "host"]
+    list_filter = ["status", "task_type", "train_type", "run__host", "owner"]
     search_fields = ["name", "description", "base_model", "owner__username"]
     # A task's definition was validated by the service when it was created; editing it here would
     # bypass that validation (and the resolved model path would no longer match), so only the name,
@@ -58,7 +51,7 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
         "owner", "task_type", "train_type", "preset", "base_model", "datasets", "training_args", "gpu_config",
         "output_name", "held", "master_port", "memory_estimate_gb", "auto_export", *RUNTIME_FIELDS,
     ]
-    list_select_related = ["owner"]
+    list_select_related = ["owner", "run"]
     inlines = [TaskEventInline]
     actions = ["stop_tasks", "delete_tasks", "hold_tasks", "release_tasks", "raise_priority", "lower_priority",
                "resume_tasks", "export_tasks"]
@@ -85,7 +78,8 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: FinetuningTask, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         if change and "priority" in form.changed_data:
-            dispatch_on_commit()  # a waiting task may now come first
+            # The scheduler reads the run's priority; a waiting task may now come first.
+            run_set_queue_fields(run_id=obj.run_id, priority=obj.priority)
 
     @admin.action(description="Hold selected waiting tasks (keep their place, do not start)")
     def hold_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
@@ -208,7 +202,7 @@ class TaskExportAdmin(TaskChildAdmin):
     admin's "Export" action (the same service); stopped with the action below."""
 
     list_display = ["id", "task", "checkpoint_name", "status", "host", "size_bytes", "created_at", "finished_at"]
-    list_filter = ["status", "host", "task__owner"]
+    list_filter = ["status", "task__owner"]
     search_fields = [*TaskChildAdmin.search_fields, "checkpoint", "output_path"]
     readonly_fields = ["task", "checkpoint", "step", "status", "output_path", "size_bytes", "command", "host", "pid",
                        "process_started", "runner_pid", "exit_code", "error_message", "log_file_path", "log_text",

@@ -1,23 +1,23 @@
 """Build the argv and the environment a task's ``swift`` process runs with.
 
 The argv is a list assembled from platform-chosen flags and allow-listed, validated training
-arguments (:mod:`tasks.training_args`); it is executed without a shell. The environment is built
+arguments (:mod:`core.swift_cli.training_args`); it is executed without a shell. The environment is built
 from scratch: only an allow-list of variables is inherited from the worker.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 
+from core.swift_cli.env import LaunchEnv, LaunchError, base_env
+from core.swift_cli.training_args import training_args_to_argv
+from gpus.models import Run
+from gpus.selectors import apply_reserved_gpus
 from tasks.builtin_models import (
     BUILTIN_MODELS,
     BuiltinModelError,
@@ -27,23 +27,11 @@ from tasks.builtin_models import (
 )
 from tasks.models import Dataset, FinetuningTask, TaskType, TrainType
 from tasks.paths import PathError, datasets_dir, is_hub_dataset_id, is_within
-from tasks.training_args import training_args_to_argv
 
 BUILTIN_DATASETS_DIR = Path(__file__).resolve().parent / "builtin_datasets"
 BUILTIN_PREFIX = "builtin:"
 
-#: Variables a swift process inherits from the worker; everything else is set explicitly.
-INHERITED_ENV = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH",
-    "CUDA_HOME", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-    "HF_TOKEN", "HF_ENDPOINT", "MODELSCOPE_API_TOKEN", "MODELSCOPE_DOMAIN", "NCCL_*",
-)
-
 _DEVICES = re.compile(r"^(\d{1,3}|GPU-[0-9a-fA-F\-]{8,64})(,(\d{1,3}|GPU-[0-9a-fA-F\-]{8,64}))*$")
-
-
-class LaunchError(Exception):
-    """The task cannot be launched as configured; the message is shown to the user."""
 
 
 def subcommand_for(task_type: str) -> list[str]:
@@ -74,7 +62,13 @@ def normalize_gpu_config(raw: Any) -> dict[str, Any]:
     if devices not in (None, ""):
         if not isinstance(devices, str) or not _DEVICES.match(devices.replace(" ", "")):
             raise ValueError("devices must look like \"0\" or \"0,1\" (GPU indices or UUIDs)")
-        out["devices"] = devices.replace(" ", "")
+        named = devices.replace(" ", "").split(",")
+        if len(named) > 64:
+            raise ValueError("devices may name at most 64 GPUs")
+        twice = sorted({d for d in named if named.count(d) > 1})
+        if twice:  # one card cannot be given to a task twice: such a request could never start
+            raise ValueError(f"devices names {', '.join(twice)} more than once")
+        out["devices"] = ",".join(named)
     if "count" in raw:
         count = raw["count"]
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 64:
@@ -195,69 +189,14 @@ def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | No
     return argv
 
 
-def _inherit(names: Iterable[str]) -> dict[str, str]:
-    patterns = list(names) + list(settings.FINETUNE_ENV_PASSTHROUGH)
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
-    }
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    env: dict[str, str]
-    devices: list[str]
-
-
-def base_env(*, workdir: Path) -> dict[str, str]:
-    """What every swift process gets, whatever it does: own temp and preprocessing caches under
-    ``workdir``, the shared hub download cache, hub access off when the platform is offline."""
-    cache = workdir / "cache"
-    for sub in ("datasets", "mpl", "tmp", "xdg"):
-        (cache / sub).mkdir(parents=True, exist_ok=True)
-    hub = settings.HUB_CACHE_DIR
-    env = _inherit(INHERITED_ENV)
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(
-        {
-            "PYTHONUNBUFFERED": "1",
-            # Model and dataset downloads are shared between tasks (a 7B model is 15 GB);
-            # preprocessing caches, temp files and matplotlib state are the task's own.
-            "MODELSCOPE_CACHE": str(hub / "modelscope"),
-            "HF_HOME": str(hub / "huggingface"),
-            "HF_DATASETS_CACHE": str(cache / "datasets"),
-            "MPLCONFIGDIR": str(cache / "mpl"),
-            "TMPDIR": str(cache / "tmp"),
-            "XDG_CACHE_HOME": str(cache / "xdg"),
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    if settings.FINETUNE_OFFLINE:
-        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HF": "1"})
-    return env
-
-
-def apply_reserved_gpus(env: dict[str, str], reservations: Any) -> list[str]:
-    """Show a process exactly the GPUs the scheduler reserved for its holder: their UUIDs (NVML
-    indices can differ from the CUDA order and across reboots) in index order; a CPU slot hides
-    every GPU. Returns the UUIDs."""
-    reserved = sorted((r for r in reservations.select_related("gpu") if r.gpu_id), key=lambda r: r.gpu.index)
-    devices = [r.gpu.uuid for r in reserved]
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-    if devices:
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    return devices
-
-
-def build_env(task: FinetuningTask, *, workdir: Path) -> LaunchEnv:
-    """The per-task environment (:func:`base_env`) plus the devices the task was given."""
+def build_env(task: FinetuningTask, *, run: Run, workdir: Path) -> LaunchEnv:
+    """The per-task environment (:func:`base_env`) plus the devices its run was given."""
     env = base_env(workdir=workdir)
-    devices = apply_reserved_gpus(env, task.reservations)
+    devices = apply_reserved_gpus(env, run)
     if len(devices) > 1:
         env["NPROC_PER_NODE"] = str(len(devices))
-    if task.master_port:
-        env["MASTER_PORT"] = str(task.master_port)
+    if run.master_port:
+        env["MASTER_PORT"] = str(run.master_port)
     return LaunchEnv(env=env, devices=devices)
 
 

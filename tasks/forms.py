@@ -1,5 +1,5 @@
 """Forms of the portal's pages. They only collect input; validation that matters lives in the
-services, whose :class:`~finetune_platform.errors.ServiceValidationError` is mapped back onto the
+services, whose :class:`~core.errors.ServiceValidationError` is mapped back onto the
 fields here (:func:`apply_service_errors`) so each message shows next to its input."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from django import forms
 from django.utils.translation import gettext, gettext_noop
 from django.utils.translation import gettext_lazy as _
 
+from core.forms import place_service_errors
+from core.swift_cli.training_args import TRAINING_ARGS, ArgSpec
 from tasks.builtin_models import BUILTIN_MODELS, builtin_model_id
 from tasks.models import TaskType, TrainType
 from tasks.paths import local_model_choices
 from tasks.presets import Preset
-from tasks.training_args import TRAINING_ARGS, ArgSpec
 
-# The allow-list's and presets' English texts (tasks/training_args.py and tasks/presets.py stay
+# The allow-list's and presets' English texts (core/swift_cli/training_args.py and tasks/presets.py stay
 # plain strings), marked here so that makemessages extracts them; pages show gettext(text).
 # tests/web/test_pages.py checks that every help text of the allow-list is listed.
 TRANSLATABLE_TEXTS = (
@@ -292,25 +293,8 @@ class DatasetUploadForm(forms.Form):
     description = forms.CharField(label=_("Description"), required=False, widget=forms.Textarea(attrs={"rows": 2}))
 
 
-def _message(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value)
-    return str(value)
-
-
 def apply_service_errors(form: forms.Form, errors: dict[str, Any]) -> None:
-    """Put each message of a ServiceValidationError next to its input (training arguments by key)."""
-    for field, value in errors.items():
-        if field == "training_args" and isinstance(value, dict):
-            for key, message in value.items():
-                target = ARG_PREFIX + str(key).lstrip("-")
-                if target in form.fields:
-                    form.add_error(target, _message(message))
-                else:
-                    form.add_error(None, f"{key}: {_message(message)}")
-        elif field == "gpu_config" and isinstance(form, GpuRequestForm):
-            form.add_error(form.gpu_error_field(), _message(value))
-        elif field in form.fields and field not in form.errors:
-            form.add_error(field, _message(value))
-        else:
-            form.add_error(None, _message(value) if field in ("preset", "__all__") else f"{field}: {_message(value)}")
+    """Put each message of a ServiceValidationError next to its input: training arguments by key,
+    the GPU request next to the input it came from."""
+    field_for = {"gpu_config": form.gpu_error_field()} if isinstance(form, GpuRequestForm) else {}
+    place_service_errors(form, errors, nested={"training_args": ARG_PREFIX}, field_for=field_for)

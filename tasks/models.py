@@ -10,7 +10,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from finetune_platform.ownership import OwnedQuerySet
+from core.ownership import OwnedQuerySet
+from gpus.models import CurrentRun
 
 
 class TaskStatus(models.TextChoices):
@@ -56,7 +57,7 @@ class TaskQuerySet(OwnedQuerySet):
         return self.order_by("-priority", "created_at", "id")
 
 
-class FinetuningTask(models.Model):
+class FinetuningTask(CurrentRun):
     """One fine-tuning run of ``swift`` on a base model and datasets.
 
     State machine (every transition is a conditional update in ``tasks.services`` or
@@ -114,19 +115,8 @@ class FinetuningTask(models.Model):
     output_name = models.CharField(_("output name"), max_length=200, blank=True)
     output_path = models.CharField(_("output path"), max_length=1000, blank=True)
     log_file_path = models.CharField(_("log file"), max_length=1000, blank=True)
-    command = models.JSONField(_("command"), default=list, blank=True, help_text=_("The argv as run."))
 
     # Runtime, written by the runner.
-    host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("Set when resources are reserved."))
-    master_port = models.PositiveIntegerField(
-        _("master port"), null=True, blank=True, help_text=_("torchrun rendezvous port, unique per host while active."),
-    )
-    pid = models.IntegerField(_("process id"), null=True, blank=True)
-    process_started = models.FloatField(null=True, blank=True, help_text="psutil create_time() of the process")
-    runner_pid = models.IntegerField(null=True, blank=True, help_text="pid of the worker supervising the run")
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
-    error_message = models.TextField(_("error message"), blank=True)
     current_step = models.PositiveIntegerField(_("step"), default=0)
     max_steps = models.PositiveIntegerField(_("max steps"), default=0)
     epoch = models.FloatField(_("epoch"), null=True, blank=True)
@@ -155,10 +145,6 @@ class FinetuningTask(models.Model):
     )
 
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
-    queued_at = models.DateTimeField(_("queued"), null=True, blank=True)
-    started_at = models.DateTimeField(_("started"), null=True, blank=True)
-    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
-    stop_requested_at = models.DateTimeField(null=True, blank=True)
     delete_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = TaskQuerySet.as_manager()
@@ -175,6 +161,15 @@ class FinetuningTask(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.name}"
+
+    @property
+    def host(self) -> str:
+        return self.run.host if self.run is not None else ""
+
+    @property
+    def master_port(self) -> int | None:
+        return self.run.master_port if self.run is not None else None
+
 
     @property
     def command_line(self) -> str:
@@ -336,7 +331,7 @@ class TaskExportQuerySet(OwnedQuerySet):
     owner_field = "task__owner"
 
 
-class TaskExport(models.Model):
+class TaskExport(CurrentRun):
     """One ``swift export --merge_lora`` of a LoRA/QLoRA task's checkpoint into a full model.
 
     State machine (conditional updates in ``tasks.services`` and ``tasks.exports``)::
@@ -359,18 +354,8 @@ class TaskExport(models.Model):
     output_path = models.CharField(_("output path"), max_length=1000, help_text=_("The merged model's folder."))
     log_file_path = models.CharField(_("log file"), max_length=1000, blank=True)
     log_text = models.TextField(_("log"), blank=True, help_text=_("The last lines of swift's output."))
-    command = models.JSONField(_("command"), default=list, blank=True, help_text=_("The argv as run."))
-    error_message = models.TextField(_("error message"), blank=True)
-    exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
-    host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("The worker host that ran it."))
-    pid = models.IntegerField(_("process id"), null=True, blank=True)
-    process_started = models.FloatField(null=True, blank=True, help_text="psutil create_time() of the process")
-    runner_pid = models.IntegerField(null=True, blank=True, help_text="pid of the worker supervising the export")
     size_bytes = models.PositiveBigIntegerField(_("size"), null=True, blank=True)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
-    started_at = models.DateTimeField(_("started"), null=True, blank=True)
-    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
-    stop_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = TaskExportQuerySet.as_manager()
 
@@ -387,6 +372,11 @@ class TaskExport(models.Model):
 
     def __str__(self) -> str:
         return f"export #{self.pk} of task {self.task_id}"
+
+    @property
+    def host(self) -> str:
+        return self.run.host if self.run is not None else ""
+
 
     @property
     def is_active(self) -> bool:

@@ -26,17 +26,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from asgiref.sync import async_to_sync
-from django.conf import settings
-from django.db import DatabaseError, connection, transaction
-from django.db.models.functions import Now
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
+from core.live import publish_many
+from core.swift_cli.output import MetricPoint, json_safe
+from gpus.outage import Backoff, database_failed
+from gpus.workloads import Fenced
 from tasks.models import FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
-from tasks.process import DATABASE_PATIENCE_SECONDS
-from tasks.swift_output import MetricPoint, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -63,139 +62,26 @@ MAX_BUFFERED_CHARS = 16 << 20
 MAX_BUFFERED_POINTS = 20_000
 _LINE_OVERHEAD = 100
 
-T = TypeVar("T")
-
-
 def task_group(task_id: int) -> str:
     return f"task.{int(task_id)}"
 
 
-def user_group(user_id: int) -> str:
-    return f"user.{int(user_id)}"
+#: Where a summary of every task's changes goes (the task lists, the queue).
+TASKS_GROUP = "tasks"
 
 
 def broadcast(task: FinetuningTask, payload: dict[str, Any]) -> None:
-    """Send to the task's and owner's groups. Never raises: the page backfills from the database."""
-    if "InMemoryChannelLayer" in settings.CHANNEL_LAYERS["default"]["BACKEND"]:
-        return  # no cross-process layer: pages follow the database instead
-    try:
-        from channels.layers import get_channel_layer
-
-        layer = get_channel_layer()
-        if layer is None:
-            return
-        message = {"type": "task.update", "task": task.pk, **json_safe(payload)}
-        async_to_sync(layer.group_send)(task_group(task.pk), message)
-        summary = {k: v for k, v in message.items() if k not in ("lines", "metrics")}
-        async_to_sync(layer.group_send)(user_group(task.owner_id), summary)
-    except Exception:  # noqa: BLE001 - a broadcast failure must never break a training run
-        logger.warning("broadcast for task %s failed", task.pk, exc_info=True)
+    """Announce a change of the task: everything to the task's group, a summary (no lines, no
+    metrics) to :data:`TASKS_GROUP` (task lists, the queue). Never raises: the pages repair a lost
+    notice from the database (``core.live``)."""
+    message = {"task": task.pk, **json_safe(payload)}
+    summary = {k: v for k, v in message.items() if k not in ("lines", "metrics")}
+    summary["owner"] = task.owner_id
+    publish_many([(task_group(task.pk), message), (TASKS_GROUP, summary)])
 
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat()
-
-
-# --- database outages --------------------------------------------------------------------------------
-class Backoff:
-    """When to try the database again after failures: ``first`` seconds, doubling up to ``cap``.
-
-    The cap is short on purpose: a try costs one connection attempt, and the sooner a runner writes
-    its heartbeat after an outage, the less a sweep can take the silence for a dead runner."""
-
-    FIRST = 0.5
-    CAP = 5.0
-
-    def __init__(self, *, first: float | None = None, cap: float | None = None) -> None:
-        self.first = self.FIRST if first is None else first
-        self.cap = self.CAP if cap is None else cap
-        self.failures = 0
-        self.down_since: float | None = None
-        self._next_try = 0.0
-
-    def ready(self) -> bool:
-        return time.monotonic() >= self._next_try
-
-    def wait(self) -> None:
-        """Sleep until the next try is due."""
-        time.sleep(max(0.0, self._next_try - time.monotonic()))
-
-    def failed(self, *, since: float | None = None) -> float:
-        """Record a failure of an operation begun at ``since`` (monotonic; default now: a write may
-        wait out SQLite's busy timeout before it fails); returns the delay before the next try."""
-        now = time.monotonic()
-        if self.down_since is None:
-            self.down_since = now if since is None else since
-        delay = min(self.cap, self.first * 2 ** min(self.failures, 16))
-        self.failures += 1
-        self._next_try = now + delay
-        return delay
-
-    def succeeded(self) -> float | None:
-        """Record a success; returns for how long the database had been failing (None: it had not)."""
-        down = None if self.down_since is None else time.monotonic() - self.down_since
-        self.failures, self.down_since, self._next_try = 0, None, 0.0
-        return down
-
-
-def database_failed(exc: DatabaseError, *, what: str, backoff: Backoff, since: float | None = None) -> None:
-    """Record a failed database operation and drop the connection, so the next try reconnects (a
-    killed PostgreSQL connection stays unusable otherwise). Inside a transaction opened by a caller
-    the connection is left alone: only that caller may end it."""
-    delay = backoff.failed(since=since)
-    if backoff.failures == 1:
-        logger.warning("%s failed (%s: %s); the run goes on, retrying with backoff", what,
-                       type(exc).__name__, str(exc).strip())
-    elif backoff.failures % 12 == 0 and backoff.down_since is not None:  # about once a minute
-        logger.warning("%s still fails after %.0f s (%s); the run goes on, retrying", what,
-                       time.monotonic() - backoff.down_since, str(exc).strip())
-    else:
-        logger.debug("%s failed again (%s); next try in %.1f s", what, exc, delay)
-    if connection.in_atomic_block:
-        return
-    try:
-        connection.close()
-    except DatabaseError:
-        pass  # closing a dead connection may complain; it is closed either way
-
-
-def retry_database(write: Callable[[], T], *, what: str, backoff: Backoff | None = None) -> T:
-    """``write()``, tried again with backoff for as long as the database fails (up to
-    ``DATABASE_PATIENCE_SECONDS``, and not once the worker is shutting down: then the error is
-    raised and the reconciler records the ending)."""
-    from tasks.process import worker_shutting_down
-
-    backoff = backoff or Backoff()
-    give_up_at = time.monotonic() + DATABASE_PATIENCE_SECONDS
-    while True:
-        started = time.monotonic()
-        try:
-            result = write()
-        except DatabaseError as exc:
-            database_failed(exc, what=what, backoff=backoff, since=started)
-            if time.monotonic() >= give_up_at or worker_shutting_down():
-                raise
-            backoff.wait()
-            continue
-        down = backoff.succeeded()
-        if down is not None:
-            logger.warning("The database is back after %.0f s: %s succeeded", down, what)
-        return result
-
-
-def stop_requested(model: Any, pk: int, *, backoff: Backoff, what: str) -> bool:
-    """Whether the row ``model(pk)`` asks for a stop (or is gone: only an operator's raw delete does
-    that). While the database is away the answer is False: no stop was asked that we know of, and a
-    run is never stopped for an outage. Reads wait for ``backoff`` after a failure."""
-    if not backoff.ready():
-        return False
-    try:
-        row = model.objects.filter(pk=pk).values("stop_requested_at").first()
-    except DatabaseError as exc:
-        database_failed(exc, what=what, backoff=backoff)
-        return False
-    backoff.succeeded()
-    return row is None or row["stop_requested_at"] is not None
 
 
 # --- the publisher -----------------------------------------------------------------------------------
@@ -228,8 +114,14 @@ class _Written:
 class ProgressPublisher:
     """Collects a run's output and flushes it to the database at most every ``interval`` seconds."""
 
-    def __init__(self, task: FinetuningTask, *, interval: float = 0.15, backoff: Backoff | None = None) -> None:
+    def __init__(self, task: FinetuningTask, *, interval: float = 0.15, backoff: Backoff | None = None,
+                 guard: Callable[[], bool] | None = None) -> None:
         self.task = task
+        #: Called first in every write's transaction: False means the run is not the writer's any more
+        #: (fencing; it also stamps the run's heartbeat). The write is rolled back and nothing more is
+        #: written: :attr:`fenced` turns True.
+        self.guard = guard
+        self.fenced = False
         self.interval = interval
         self.backoff = backoff or Backoff()
         self._lines: list[tuple[str, datetime]] = []
@@ -277,12 +169,6 @@ class ProgressPublisher:
             setattr(self.task, name, value)
             self._dirty.add(name)
 
-    def heartbeat(self) -> None:
-        """Tell the reconcilers that this run is supervised (every write stamps ``heartbeat_at``
-        with the database's clock, which the reconcilers compare with)."""
-        self._dirty.add("heartbeat_at")
-        self.flush(force=True)
-
     def event(self, kind: str, message: str = "", **data: Any) -> None:
         """Record a lifecycle event now, or with the next write that succeeds (it keeps its time)."""
         self._events.append(_Event(kind, message, json_safe(data), timezone.now()))
@@ -315,7 +201,7 @@ class ProgressPublisher:
         """Write what is buffered (every ``interval`` seconds unless ``force``). Returns True when
         nothing is left to write. A database error never escapes: the buffer is kept for the next
         try, which waits for the backoff even when forced."""
-        if not self.pending:
+        if not self.pending or self.fenced:
             return True
         if not self.backoff.ready():
             return False
@@ -331,6 +217,12 @@ class ProgressPublisher:
         except DatabaseError as exc:
             database_failed(exc, what=f"Writing the progress of task {self.task.pk}", backoff=self.backoff, since=now)
             return False
+        except Fenced:
+            self.fenced = True
+            self._lines, self._chars, self._events, self._unconfirmed = [], 0, [], None
+            self._metrics.clear()
+            self._dirty.clear()
+            return True
         down = self.backoff.succeeded()
         if down is not None:
             logger.warning("The database is back after %.0f s: the progress of task %s is written", down, self.task.pk)
@@ -369,7 +261,6 @@ class ProgressPublisher:
         events = list(self._events)
         dirty = self._dirty - {"heartbeat_at", "last_log_seq"}
         fields = {name: getattr(task, name) for name in dirty}
-        fields["heartbeat_at"] = Now()
         last_seq = rows[-1].seq if rows else task.last_log_seq
         if rows:
             fields["last_log_seq"] = last_seq
@@ -377,6 +268,8 @@ class ProgressPublisher:
                                      first_event=events[0] if events else None)
         written = _Written(rows=rows, points=points)
         with transaction.atomic():
+            if self.guard is not None and not self.guard():
+                raise Fenced
             if rows:
                 TaskLogLine.objects.bulk_create(rows)
             if points:
@@ -388,7 +281,8 @@ class ProgressPublisher:
                                    "memory_gib", "seconds_per_step", "values"],
                 )
             written.events = [self._insert_event(e) for e in events]
-            FinetuningTask.objects.filter(pk=task.pk).update(**fields)
+            if fields:
+                FinetuningTask.objects.filter(pk=task.pk).update(**fields)
         self._unconfirmed = None
         self._forget(lines=len(rows), events=len(events))
         self._metrics.clear()

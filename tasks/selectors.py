@@ -13,6 +13,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -31,8 +32,8 @@ from tasks.paths import folder_size, is_within
 
 
 def finetuning_task_list(*, user: Any) -> QuerySet[FinetuningTask]:
-    return FinetuningTask.objects.for_user(user).visible().select_related("owner").prefetch_related(
-        "reservations__gpu"
+    return FinetuningTask.objects.for_user(user).visible().select_related("owner", "run").prefetch_related(
+        "run__reservations__gpu"
     )
 
 
@@ -159,7 +160,11 @@ def _timed_inventory() -> list[TimedHost]:
     """Live, enabled hosts with, for each GPU and CPU slot, the seconds until it is free: 0 when
     free, the holder's ETA when a running task with an ETA holds it, unknown otherwise."""
     hosts: list[TimedHost] = []
-    for host in Host.objects.live().filter(enabled=True).prefetch_related("gpus", "reservations__task"):
+    live = list(Host.objects.live().filter(enabled=True).prefetch_related("gpus", "reservations"))
+    run_ids = {r.run_id for host in live for r in host.reservations.all()}
+    etas = dict(FinetuningTask.objects.filter(run_id__in=run_ids, status=TaskStatus.RUNNING, eta_seconds__isnull=False)
+                .values_list("run_id", "eta_seconds"))
+    for host in live:
         timed = TimedHost(name=host.name)
         for g in host.gpus.all():
             if g.enabled and g.present:
@@ -168,10 +173,7 @@ def _timed_inventory() -> list[TimedHost]:
                 timed.gpu_free_in[g.pk] = 0.0
         timed.slot_free_in = dict.fromkeys(range(host.cpu_slots), 0.0)
         for r in host.reservations.all():
-            task = r.task
-            free_in = UNKNOWN
-            if task is not None and task.status == TaskStatus.RUNNING and task.eta_seconds is not None:
-                free_in = max(0.0, task.eta_seconds)
+            free_in = max(0.0, etas[r.run_id]) if r.run_id in etas else UNKNOWN
             if r.gpu_id in timed.gpu_free_in:
                 timed.gpu_free_in[r.gpu_id] = free_in
             elif r.cpu_slot is not None:
@@ -192,8 +194,8 @@ def queue_entries(*, user: Any) -> list[QueueEntry]:
     hosts = _timed_inventory()
     entries: list[QueueEntry] = []
     waiting = FinetuningTask.objects.filter(
-        status=TaskStatus.PENDING, stop_requested_at__isnull=True, delete_requested_at__isnull=True
-    ).queue_order().select_related("owner")
+        status=TaskStatus.PENDING, run__stop_requested_at__isnull=True, delete_requested_at__isnull=True
+    ).queue_order().select_related("owner", "run")
     for position, task in enumerate(waiting, start=1):
         request = Request.from_task(task.gpu_config or {}, task.memory_estimate_gb)
         visible = bool(getattr(user, "is_staff", False) or task.owner_id == getattr(user, "pk", None))
@@ -297,8 +299,8 @@ def task_checkpoint_default(*, task: FinetuningTask, checkpoints: list[Checkpoin
 
 #: What the task page's cards (error, details, checkpoints, exports, command line) are rendered from.
 _CARD_FIELDS = (
-    "status", "last_checkpoint", "command", "host", "run_number", "resume_from", "error_message",
-    "stop_requested_at", "output_path",
+    "status", "last_checkpoint", "run__command", "run__host", "run_number", "resume_from", "run__error",
+    "run__stop_requested_at", "output_path",
 )
 
 
@@ -308,7 +310,11 @@ def task_cards_revision(*, task: FinetuningTask | int) -> str:
     sends it and the page fetches the re-rendered cards when it differs from the one it shows.
     Checkpoint folders are not scanned: a save moves ``last_checkpoint``."""
     if isinstance(task, FinetuningTask):
-        row: dict[str, Any] | None = {name: getattr(task, name) for name in _CARD_FIELDS}
+        run = task.run
+        row: dict[str, Any] | None = {
+            name: getattr(run, name.removeprefix("run__"), None) if name.startswith("run__") else getattr(task, name)
+            for name in _CARD_FIELDS
+        }
         task_id = task.pk
     else:
         task_id = task
@@ -317,7 +323,7 @@ def task_cards_revision(*, task: FinetuningTask | int) -> str:
         return ""
     exports = list(
         TaskExport.objects.filter(task_id=task_id).order_by("pk").annotate(log_chars=Length("log_text"))
-        .values_list("pk", "status", "log_chars")
+        .values_list("pk", "status", "log_chars", "run__status")
     )
     blob = json.dumps([row, exports], default=str, sort_keys=True).encode()
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
@@ -331,3 +337,73 @@ def task_export_get(*, user: Any, pk: Any) -> TaskExport:
     """The user's export (of a task they can see) or 404."""
     visible = finetuning_task_list(user=user)
     return get_object_or_404(TaskExport.objects.for_user(user).filter(task__in=visible).select_related("task"), pk=pk)
+
+
+# --- the queue page ------------------------------------------------------------------------------
+def request_label(kind: str, count: int, devices: list[str], min_memory_gb: float) -> str:
+    """What a waiting task asked for, in words: ``2 × GPU, ≥ 40 GiB each``, ``GPU 0,1``, ``CPU slot``."""
+    if kind == "cpu":
+        return _("a CPU slot")
+    if kind == "auto":
+        text = _("one GPU, or a CPU slot on a host without GPUs")
+    elif devices:
+        text = _("GPU %(devices)s") % {"devices": ",".join(devices)}
+    else:
+        text = _("%(n)s × GPU") % {"n": count}
+    if min_memory_gb:
+        text += " · " + _("≥ %(gb)s GiB each") % {"gb": f"{min_memory_gb:g}"}
+    return text
+
+
+def _to_minute(moment: datetime | None) -> datetime | None:
+    """An estimate to the minute: the page says "in ~12 min", and a start time that moves by
+    seconds on every read must not count as a change."""
+    if moment is None:
+        return None
+    return (moment + timedelta(seconds=30)).replace(second=0, microsecond=0)
+
+
+def queue_overview(*, user: Any) -> list[dict[str, Any]]:
+    """The waiting tasks in dispatch order (``queue_entries``), as the queue page shows them."""
+    now = timezone.now()
+    entries = []
+    for entry in queue_entries(user=user):
+        task, r = entry.task, entry.request
+        count = r.count if r.kind == "gpu" else (0 if r.kind == "cpu" else 1)
+        min_memory_gb = round(r.min_memory_mb / 1024, 1)
+        start = _to_minute(entry.estimated_start)
+        entries.append({
+            "position": entry.position,
+            "visible": entry.visible,
+            "id": task.pk if entry.visible else None,
+            "name": task.name if entry.visible else _("another user's task"),
+            "owner": task.owner.get_username() if entry.visible else None,
+            "mine": task.owner_id == user.pk,
+            "url": reverse("task_detail", args=[task.pk]) if entry.visible else None,
+            "priority": task.priority,
+            "held": task.held,
+            "created_at": task.created_at,
+            "waited_seconds": max(0, round((now - task.created_at).total_seconds())),
+            "request": {"kind": r.kind, "count": count, "devices": list(r.devices), "min_memory_gb": min_memory_gb},
+            "request_label": request_label(r.kind, count, list(r.devices), min_memory_gb),
+            "estimated_start": start,
+            "starts_in_seconds": max(0, round((start - now).total_seconds())) if start else None,
+            "note": str(entry.note),
+        })
+    return entries
+
+
+def starts_in_text(seconds: float | None) -> str:
+    """``None`` → empty (the page shows the note instead); ``90`` → ``in ~2 min``; ``5400`` →
+    ``in ~1 h 30 min``. Mirrored by ``static/js/queue.js``."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return _("within a minute")
+    minutes = int(seconds / 60 + 0.5)
+    if minutes < 60:
+        return _("in ~%(m)s min") % {"m": minutes}
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return _("in ~%(h)s h %(m)s min") % {"h": hours, "m": minutes}
+    return _("in ~%(d)s d %(h)s h") % {"d": hours // 24, "h": hours % 24}

@@ -17,11 +17,14 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from finetune_platform.errors import ServiceValidationError
-from gpus.estimate import estimate_memory_gb
+from core.errors import ServiceValidationError
+from core.swift_cli.estimate import estimate_memory_gb
+from core.swift_cli.training_args import TrainingArgsError, validate_training_args
+from gpus.models import Lane, Run, RunKind
 from gpus.placement import Request, impossible_reason
+from gpus.scheduler import run_requeue
 from gpus.selectors import inventory_snapshot
-from gpus.services import reservations_release
+from gpus.services import run_create, run_set_queue_fields, run_stop, runs_delete
 from tasks.command import normalize_gpu_config, validate_dataset_specs
 from tasks.dataset_formats import DatasetFormat, DatasetValidationError, validate_dataset_file
 from tasks.models import (
@@ -40,10 +43,8 @@ from tasks.models import (
 )
 from tasks.paths import PathError, datasets_dir, is_within, resolve_model, task_dir
 from tasks.presets import PresetError, get_preset
-from tasks.publisher import publish_event
-from tasks.scheduler import dispatch_on_commit, worker_queue
+from tasks.publisher import broadcast, publish_event
 from tasks.selectors import Checkpoint, task_checkpoint_default, task_checkpoint_list
-from tasks.training_args import TrainingArgsError, validate_training_args
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +151,19 @@ def finetuning_task_create(
         folder = task_dir(owner.pk, task.pk)
         task.output_path = str(folder / "output")
         task.log_file_path = str(folder / "train.log")
-        task.save(update_fields=["output_path", "log_file_path"])
+        task.run = _training_run(task)
+        task.save(update_fields=["output_path", "log_file_path", "run"])
         publish_event(task, EventKind.CREATED, "Created" + (f" from preset {preset}" if preset else ""))
-        dispatch_on_commit()
     return task
+
+
+def _training_run(task: FinetuningTask) -> Run:
+    """A new run of ``task`` in the training lane (the scheduler places it after the commit)."""
+    return run_create(
+        kind=RunKind.TRAIN, subject_id=task.pk, owner_id=task.owner_id, label=f"#{task.pk} {task.name}",
+        lane=Lane.TRAIN, log_file_path=task.log_file_path, number=task.run_number, priority=task.priority,
+        held=task.held, gpu_config=task.gpu_config, memory_estimate_gb=task.memory_estimate_gb,
+    )
 
 
 def finetuning_task_create_from_preset(
@@ -182,59 +192,55 @@ def finetuning_task_create_from_preset(
 
 
 def finetuning_task_stop(*, task: FinetuningTask) -> FinetuningTask:
-    """Stop a task; idempotent. Pending and queued tasks stop at once; a running task's runner
-    is asked to stop (SIGTERM to the process group, SIGKILL after the grace period)."""
-    now = timezone.now()
+    """Stop a task; idempotent. A task that has not started stops at once (its reservations are
+    released); a running task's supervisor is asked to stop (SIGTERM to the process group, SIGKILL
+    after the grace period)."""
     with transaction.atomic():
-        stopped_now = FinetuningTask.objects.filter(
+        outcome = run_stop(run=task.run) if task.run is not None else ""
+        stopped_now = outcome == "stopped" and FinetuningTask.objects.filter(
             pk=task.pk, status__in=[TaskStatus.PENDING, TaskStatus.QUEUED]
-        ).update(status=TaskStatus.STOPPED, stop_requested_at=now, finished_at=now)
-        if stopped_now:
-            reservations_release(task_id=task.pk)
-    if stopped_now:
-        task.refresh_from_db()
-        publish_event(task, EventKind.STOPPED, "Stopped before it started")
-        dispatch_on_commit()
-        return task
-    requested = FinetuningTask.objects.filter(
-        pk=task.pk, status=TaskStatus.RUNNING, stop_requested_at__isnull=True
-    ).update(stop_requested_at=now)
+        ).update(status=TaskStatus.STOPPED)
     task.refresh_from_db()
-    if requested:
+    if stopped_now:
+        publish_event(task, EventKind.STOPPED, "Stopped before it started")
+    elif outcome == "requested":
         publish_event(task, EventKind.STOP_REQUESTED, "Stop requested; stopping the process group")
     return task
 
 
-def finetuning_task_finish(*, task: FinetuningTask, status: str, exit_code: int | None, error: str = "") -> bool:
-    """Move a running task to a terminal state (runner and reconciler use this). Returns False if
-    it was not running any more. Releases its GPUs / CPU slot in the same transaction, purges it if
-    a delete is pending, and dispatches the queue."""
-    now = timezone.now()
-    fields: dict[str, Any] = {"status": status, "finished_at": now, "exit_code": exit_code, "heartbeat_at": now}
-    if error:
-        fields["error_message"] = error
+def finetuning_task_finish(*, task: FinetuningTask, status: str, error: str = "", exit_code: int | None = None) -> bool:
+    """A task's run ended (called by its workload inside the transaction that ends the run, or by the
+    reconciler for a run no supervisor will end): the task takes the final ``status``, with an event
+    on its timeline. Returns False if the task was not running any more."""
+    fields: dict[str, Any] = {"status": status}
     if status == TaskStatus.COMPLETED:
         fields.update(progress=100.0, eta_seconds=0.0)
-    with transaction.atomic():
-        changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.RUNNING).update(**fields)
-        reservations_release(task_id=task.pk)
+    changed = FinetuningTask.objects.filter(
+        pk=task.pk, status__in=[TaskStatus.QUEUED, TaskStatus.RUNNING]
+    ).update(**fields)
     row = FinetuningTask.objects.filter(pk=task.pk).first()
-    if row is None:
+    if row is None or not changed:
         return False
-    if changed:
-        message = {
-            TaskStatus.COMPLETED: "Completed" + (f"; last checkpoint {Path(row.last_checkpoint).name}"
-                                                 if row.last_checkpoint else ""),
-            TaskStatus.STOPPED: "Stopped on request",
-            TaskStatus.FAILED: (error.splitlines() or ["Failed"])[0],
-        }.get(status, status)
-        publish_event(row, _FINAL_EVENT.get(status, status), message, exit_code=exit_code)
+    message = {
+        TaskStatus.COMPLETED: "Completed" + (f"; last checkpoint {Path(row.last_checkpoint).name}"
+                                             if row.last_checkpoint else ""),
+        TaskStatus.STOPPED: "Stopped on request",
+        TaskStatus.FAILED: (error.splitlines() or ["Failed"])[0],
+    }.get(status, status)
+    publish_event(row, _FINAL_EVENT.get(status, status), message, exit_code=exit_code)
+    return True
+
+
+def finetuning_task_after_finish(*, task_id: int) -> None:
+    """After the ending committed: purge a task whose delete was waiting for its process, or start the
+    export it asked for at creation."""
+    row = FinetuningTask.objects.filter(pk=task_id).first()
+    if row is None:
+        return
     if row.delete_requested_at is not None:
         finetuning_task_purge(task=row)
-    elif changed and status == TaskStatus.COMPLETED and row.auto_export and row.can_export:
+    elif row.status == TaskStatus.COMPLETED and row.auto_export and row.can_export:
         _auto_export(task=row)
-    dispatch_on_commit()
-    return bool(changed)
 
 
 def _auto_export(*, task: FinetuningTask) -> None:
@@ -253,13 +259,15 @@ def finetuning_task_set_priority(*, task: FinetuningTask, priority: Any) -> Fine
     the queue; the queue is dispatched at once."""
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
         raise ServiceValidationError({"priority": _("must be a whole number from 0 to 10 (larger runs first)")})
-    changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING).update(priority=priority)
+    with transaction.atomic():
+        changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING).update(priority=priority)
+        if changed:
+            run_set_queue_fields(run_id=task.run_id, priority=priority)
     task.refresh_from_db()
     if not changed:
         raise ServiceValidationError({"priority": _("the task is %(status)s; only a waiting task's priority "
                                                     "can change") % {"status": task.status}})
     publish_event(task, EventKind.PRIORITY, f"Priority set to {priority}", priority=priority)
-    dispatch_on_commit()
     return task
 
 
@@ -270,12 +278,12 @@ def finetuning_task_hold(*, task: FinetuningTask) -> FinetuningTask:
     with transaction.atomic():
         held = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING, held=False).update(held=True)
         unqueued = 0
-        if not held:
+        if not held and task.run is not None and run_requeue(run=task.run, reason="", quiet=True):
             unqueued = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-                status=TaskStatus.PENDING, held=True, host="", master_port=None, queued_at=None
+                status=TaskStatus.PENDING, held=True
             )
-            if unqueued:
-                reservations_release(task_id=task.pk)
+        if held or unqueued:
+            run_set_queue_fields(run_id=task.run_id, held=True)
     task.refresh_from_db()
     if not (held or unqueued):
         if task.held:
@@ -283,18 +291,18 @@ def finetuning_task_hold(*, task: FinetuningTask) -> FinetuningTask:
         raise ServiceValidationError({"held": _("the task is %(status)s; only a waiting task can be held")
                                       % {"status": task.status}})
     publish_event(task, EventKind.HELD, "Held: keeps its place in the queue but does not start")
-    if unqueued:
-        dispatch_on_commit()
     return task
 
 
 def finetuning_task_release(*, task: FinetuningTask) -> FinetuningTask:
     """Let a held task start again (it kept its place in the queue)."""
-    released = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING, held=True).update(held=False)
+    with transaction.atomic():
+        released = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING, held=True).update(held=False)
+        if released:
+            run_set_queue_fields(run_id=task.run_id, held=False)
     task.refresh_from_db()
     if released:
         publish_event(task, EventKind.RELEASED, "Released from hold")
-        dispatch_on_commit()
     return task
 
 
@@ -320,7 +328,12 @@ def finetuning_task_purge(*, task: FinetuningTask) -> None:
         Path(task.log_file_path).unlink(missing_ok=True)
         shutil.rmtree(folder / "cache", ignore_errors=True)
         shutil.rmtree(folder / "exports", ignore_errors=True)  # export logs and caches; merged models stay
-    FinetuningTask.objects.filter(pk=task.pk).delete()
+    export_ids = list(TaskExport.objects.filter(task=task).values_list("pk", flat=True))
+    with transaction.atomic():
+        runs_delete(kind=RunKind.TRAIN, subject_ids=[task.pk])
+        runs_delete(kind=RunKind.EXPORT, subject_ids=export_ids)
+        FinetuningTask.objects.filter(pk=task.pk).delete()
+        broadcast(task, {"deleted": True})  # an open page of the task says so
 
 
 # --- checkpoints: resume and export ------------------------------------------------------------
@@ -392,10 +405,7 @@ def finetuning_task_resume(*, task: FinetuningTask, checkpoint: Any = None) -> F
             last_checkpoint=found.path, current_step=found.step, progress=progress, eta_seconds=None,
             loss=last_point.loss if last_point else None,
             learning_rate=last_point.learning_rate if last_point else None,
-            epoch=last_point.epoch if last_point else None,
-            held=False, host="", master_port=None, queued_at=None, started_at=None, finished_at=None,
-            stop_requested_at=None, exit_code=None, error_message="", metrics={}, pid=None,
-            process_started=None, runner_pid=None, heartbeat_at=None,
+            epoch=last_point.epoch if last_point else None, held=False, metrics={},
         )
         if not changed:
             task.refresh_from_db()
@@ -403,26 +413,12 @@ def finetuning_task_resume(*, task: FinetuningTask, checkpoint: Any = None) -> F
                                                       "resumed") % {"status": task.status}})
         TaskMetric.objects.filter(task=task, step__gt=found.step).delete()
         task.refresh_from_db()
+        task.run = _training_run(task)  # a resume is a new run of the same task
+        task.save(update_fields=["run"])
         where = f" ({found.run})" if found.run else ""
         publish_event(task, EventKind.RESUMED, f"Resumed from {found.name}{where}; run {task.run_number}",
                       checkpoint=found.path, step=found.step, run=task.run_number)
-        dispatch_on_commit()
     return task
-
-
-def _export_host(task: FinetuningTask) -> str:
-    """The host whose worker runs an export: the task's own host when it is live (its disk holds
-    the checkpoint warm), else any live host (outputs live on the shared data folder)."""
-    from gpus.models import Host
-
-    live = Host.objects.live()
-    if task.host and live.filter(name=task.host, enabled=True).exists():
-        return task.host
-    name = (live.filter(enabled=True).order_by("name").values_list("name", flat=True).first()
-            or live.order_by("name").values_list("name", flat=True).first())
-    if not name:
-        raise ServiceValidationError({"host": _("no worker host is online to run the export; try again when one is")})
-    return name
 
 
 def task_export_create(*, task: FinetuningTask, checkpoint: Any = None) -> TaskExport:
@@ -459,58 +455,46 @@ def task_export_create(*, task: FinetuningTask, checkpoint: Any = None) -> TaskE
         raise ServiceValidationError({"checkpoint": _("%(name)s is exported already (export %(export)s): "
                                                       "%(path)s")
                                       % {"name": found.name, "export": done.pk, "path": done.output_path}})
-    host = _export_host(task)
     try:
         with transaction.atomic():
             export = TaskExport.objects.create(
-                task=task, checkpoint=found.path, step=found.step, output_path=f"{found.path}-merged", host=host,
+                task=task, checkpoint=found.path, step=found.step, output_path=f"{found.path}-merged",
             )
             export.log_file_path = str(task.workdir / "exports" / str(export.pk) / "export.log")
-            export.save(update_fields=["log_file_path"])
+            export.run = run_create(
+                kind=RunKind.EXPORT, subject_id=export.pk, owner_id=task.owner_id, lane=Lane.CPU,
+                label=f"export of {found.name} (task #{task.pk} {task.name})", log_file_path=export.log_file_path,
+            )
+            export.save(update_fields=["log_file_path", "run"])
             publish_event(task, EventKind.EXPORT_QUEUED, f"Export of {found.name} queued: merging the LoRA "
                           "adapters into the base model", export=export.pk, checkpoint=found.path)
-            transaction.on_commit(lambda: _enqueue_export(export.pk, host))
     except IntegrityError:  # a concurrent request queued the same checkpoint first
         raise ServiceValidationError({"checkpoint": _("%(name)s is being exported already")
                                       % {"name": found.name}}) from None
     return export
 
 
-def _enqueue_export(export_id: int, host: str) -> None:
-    from django_q.tasks import async_task
-
-    async_task("tasks.jobs.run_export", export_id, task_name=f"export-{export_id}", ack_failure=True,
-               cluster=worker_queue(host))
-
-
 def task_export_stop(*, export: TaskExport) -> TaskExport:
-    """Stop an export; idempotent. A pending export fails at once; a running one's runner is asked
-    to stop its process group (and removes the partial folder)."""
-    now = timezone.now()
-    if TaskExport.objects.filter(pk=export.pk, status=ExportStatus.PENDING).update(
-        status=ExportStatus.FAILED, stop_requested_at=now, finished_at=now, error_message="Stopped before it started."
-    ):
-        export.refresh_from_db()
+    """Stop an export; idempotent. One that has not started fails at once; a running one's
+    supervisor is asked to stop its process group (and the partial folder is removed)."""
+    with transaction.atomic():
+        outcome = run_stop(run=export.run, reason="Stopped before it started.") if export.run is not None else ""
+        stopped_now = outcome == "stopped" and TaskExport.objects.filter(
+            pk=export.pk, status=ExportStatus.PENDING
+        ).update(status=ExportStatus.FAILED)
+    export.refresh_from_db()
+    if stopped_now:
         publish_event(export.task, EventKind.EXPORT_FAILED, f"Export of {export.checkpoint_name} stopped before it "
                       "started", export=export.pk)
-        return export
-    TaskExport.objects.filter(pk=export.pk, status=ExportStatus.RUNNING, stop_requested_at__isnull=True).update(
-        stop_requested_at=now
-    )
-    export.refresh_from_db()
     return export
 
 
-def task_export_finish(*, export: TaskExport, status: str, exit_code: int | None, error: str = "",
-                       size_bytes: int | None = None) -> bool:
-    """Move an export to ``completed`` or ``failed`` (the export runner and the reconciler use this;
-    only a running export completes) and put it on the task's timeline. Returns False if it had
-    ended already."""
-    now = timezone.now()
-    fields: dict[str, Any] = {"status": status, "finished_at": now, "exit_code": exit_code}
+def task_export_finish(*, export: TaskExport, status: str, error: str = "", size_bytes: int | None = None) -> bool:
+    """An export's run ended (its workload calls this inside the transaction that ends the run; the
+    reconciler for a run no supervisor will end): ``completed`` or ``failed``, on the task's
+    timeline. Returns False if it had ended already."""
+    fields: dict[str, Any] = {"status": status}
     allowed = [ExportStatus.RUNNING] if status == ExportStatus.COMPLETED else list(ACTIVE_EXPORT_STATUSES)
-    if error:
-        fields["error_message"] = error
     if size_bytes is not None:
         fields["size_bytes"] = size_bytes
     changed = TaskExport.objects.filter(pk=export.pk, status__in=allowed).update(**fields)

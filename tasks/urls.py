@@ -1,5 +1,5 @@
-"""Pages of the portal (issue #4). The GPUs and queue pages live in ``gpus.urls``, the deployment
-pages in ``deployments.urls``."""
+"""Pages of the portal: tasks, datasets and the queue. The GPUs page lives in ``gpus.urls``, the
+deployment pages in ``deployments.urls``."""
 
 from django.urls import path
 
@@ -19,4 +19,9 @@ urlpatterns = [
     path("datasets/new/", views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/", views.dataset_detail, name="dataset_detail"),
     path("datasets/<int:pk>/delete/", views.dataset_delete, name="dataset_delete"),
+    path("queue/", views.queue, name="queue"),
+    path("queue/<int:pk>/priority/", views.queue_priority, name="queue_priority"),
+    path("queue/<int:pk>/hold/", views.queue_hold, name="queue_hold"),
+    path("queue/<int:pk>/release/", views.queue_release, name="queue_release"),
+    path("queue/<int:pk>/cancel/", views.queue_cancel, name="queue_cancel"),
 ]

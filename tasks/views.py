@@ -13,11 +13,13 @@ from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from finetune_platform.errors import ServiceValidationError
+from core.errors import ServiceValidationError
+from core.labels import live_labels, service_error_text
 from tasks import selectors, services
 from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
@@ -331,3 +333,98 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     services.dataset_delete(dataset=dataset)
     messages.success(request, _("Dataset “%(name)s” was deleted.") % {"name": dataset.name})
     return redirect("dataset_list")
+
+
+# --- the queue -----------------------------------------------------------------------------------
+@login_required
+def queue(request: HttpRequest) -> HttpResponse:
+    """The waiting tasks in the order they start; owners (and staff) act on theirs."""
+    entries = selectors.queue_overview(user=request.user)
+    for entry in entries:
+        entry["starts_in_text"] = selectors.starts_in_text(entry["starts_in_seconds"])
+    labels = {
+        **live_labels(),
+        "withinMinute": _("within a minute"),
+        "inMinutes": _("in ~%(m)s min"),
+        "inHours": _("in ~%(h)s h %(m)s min"),
+        "inDays": _("in ~%(d)s d %(h)s h"),
+        "summary": _("Waiting: %(n)s · on hold: %(held)s · yours: %(mine)s"),
+        "confirmCancel": _("Cancel “%(name)s”? It leaves the queue and is marked stopped."),
+    }
+    context = {
+        "entries": entries,
+        "held_count": sum(1 for entry in entries if entry["held"]),
+        "mine_count": sum(1 for entry in entries if entry["mine"]),
+        "live_labels": labels,
+        "ws_language": get_language(),
+    }
+    return render(request, "tasks/queue.html", context)
+
+
+@login_required
+@require_POST
+def queue_priority(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    raw = request.POST.get("priority", "").strip()
+    priority: Any
+    try:
+        priority = int(raw)
+    except ValueError:
+        priority = raw  # the service says what a priority must be
+    try:
+        services.finetuning_task_set_priority(task=task, priority=priority)
+    except ServiceValidationError as exc:
+        messages.error(
+            request,
+            _("The priority of “%(name)s” did not change: %(reason)s")
+            % {"name": task.name, "reason": service_error_text(exc)},
+        )
+    else:
+        messages.success(request, _("“%(name)s” now has priority %(priority)s.") % {"name": task.name,
+                                                                                     "priority": task.priority})
+    return redirect("queue")
+
+
+@login_required
+@require_POST
+def queue_hold(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    try:
+        services.finetuning_task_hold(task=task)
+    except ServiceValidationError as exc:
+        messages.error(request, _("“%(name)s” was not held: %(reason)s") % {"name": task.name,
+                                                                          "reason": service_error_text(exc)})
+    else:
+        messages.success(request, _("“%(name)s” is on hold: it keeps its place but does not start.") % {
+            "name": task.name})
+    return redirect("queue")
+
+
+@login_required
+@require_POST
+def queue_release(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    try:
+        task = services.finetuning_task_release(task=task)
+    except ServiceValidationError as exc:
+        messages.error(request, _("“%(name)s” was not released: %(reason)s") % {"name": task.name,
+                                                                              "reason": service_error_text(exc)})
+    else:
+        if task.held:
+            messages.error(request, _("“%(name)s” was not released: it is %(status)s.") % {
+                "name": task.name, "status": task.get_status_display()})
+        else:
+            messages.success(request, _("“%(name)s” was released and may start.") % {"name": task.name})
+    return redirect("queue")
+
+
+@login_required
+@require_POST
+def queue_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    task = services.finetuning_task_stop(task=task)
+    if task.status == TaskStatus.RUNNING:
+        messages.info(request, _("“%(name)s” had already started; it is being stopped.") % {"name": task.name})
+    else:
+        messages.success(request, _("“%(name)s” was cancelled.") % {"name": task.name})
+    return redirect("queue")

@@ -227,13 +227,13 @@ def worker(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., sub
         return proc
 
     yield start
-    from tasks.models import FinetuningTask, TaskStatus
-    from tasks.process import process_matches, stop_group
+    from gpus.models import Run
+    from gpus.process import process_matches, stop_group
 
     for proc in procs:
         stop_server(proc, timeout=15)
-    # Never leave a swift process behind, whatever the test did.
-    for task in FinetuningTask.objects.filter(status=TaskStatus.RUNNING):
-        if process_matches(task.pid, task.process_started):
-            stop_group(task.pid, grace=2)
+    # Never leave a swift process behind, whatever the test did (a run of any kind and state).
+    for run in Run.objects.exclude(pid__isnull=True):
+        if process_matches(run.pid, run.process_started):
+            stop_group(run.pid, grace=2)
     wait_for_server_sessions_to_close()

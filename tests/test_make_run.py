@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 CREATE_TASK = """
 from django.contrib.auth.models import User
 from tasks import services
-from tasks.scheduler import dispatch_pending
+from gpus.scheduler import dispatch as dispatch_pending
 owner = User.objects.create_user("newcomer", password="newcomer-pass-123")
 task = services.finetuning_task_create(
     owner=owner, name="pty", base_model={model!r}, datasets=["builtin:smoke_sft"], gpu_config={{}},

@@ -33,6 +33,9 @@ class DeploymentFilter(filters.FilterSet):
     status = filters.ChoiceFilter(choices=DeploymentStatus.choices)
     backend = filters.ChoiceFilter(choices=InferenceBackend.choices)
     source = filters.ChoiceFilter(choices=DeploymentSource.choices)
+    # A number, not a choice among every task: another user's task id and a task that does not exist
+    # must answer alike (an empty list), or the filter would tell which task ids exist (review L4).
+    task = filters.NumberFilter(field_name="task_id")
 
     class Meta:
         model = Deployment

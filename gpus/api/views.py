@@ -53,7 +53,15 @@ class GpuSerializer(serializers.ModelSerializer):
         return selectors.gpu_state(gpu)
 
     def get_holder(self, gpu: Gpu) -> dict[str, Any] | None:
-        return selectors.gpu_holder(gpu, self.context["request"].user)
+        """``{"kind": "task", "task": <id>, "name", "status"}`` (``"deployment": <id>`` for a
+        deployment); the id is ``None`` and the name "another user's task" for anyone but its owner
+        and staff."""
+        holder = selectors.gpu_holder(gpu, self.context["request"].user)
+        if holder is None:
+            return None
+        kind, subject = holder["kind"], holder.get("id")
+        name = holder["name"] if subject is not None else f"another user's {kind}"
+        return {"kind": kind, kind: subject, "name": name, "status": holder["status"]}
 
 
 class IsStaff(permissions.BasePermission):

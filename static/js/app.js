@@ -2,6 +2,8 @@
  *
  * FTP.fmt        numbers for humans (mirrors tasks/templatetags/task_format.py)
  * FTP.LiveSocket a WebSocket that reconnects by itself with backoff
+ * FTP.swapParts  server-rendered parts a socket sends, swapped in (keyed rows, text, elements)
+ * FTP.tick       times that move between messages (data-tick, data-tick-dir, data-tick-format)
  * FTP.liveTaskTable  live rows of a task table (/ws/tasks/)
  * plus: confirmation of forms with data-confirm, auto-submitting selects, the GPU request fields,
  * copy buttons.
@@ -124,66 +126,139 @@
     });
   };
 
-  /** Live rows of the task tables on the page (dashboard, task list). */
-  FTP.liveTaskTable = function (config) {
-    const rows = {};
-    document.querySelectorAll("tr[data-task-id]").forEach(function (row) {
-      rows[row.dataset.taskId] = row;
-    });
-    const ids = Object.keys(rows);
-    if (!ids.length) return;
-    const names = labels().status || {};
-    const elapsedBase = {};
-    ids.forEach(function (id) {
-      const cell = rows[id].querySelector('[data-field="elapsed"]');
-      if (cell && cell.dataset.elapsed) elapsedBase[id] = { value: Number(cell.dataset.elapsed), at: Date.now() };
-    });
+  // --- server-rendered parts, swapped in from the sockets (each live row is rendered once: on the server)
+  function csrfToken() {
+    const input = document.querySelector("[name=csrfmiddlewaretoken]");
+    if (input && input.value && input.value !== "live") return input.value;
+    const cookie = document.cookie.split("; ").find(function (c) { return c.indexOf("csrftoken=") === 0; });
+    return cookie ? cookie.slice(10) : "";
+  }
 
-    function field(row, name) { return row.querySelector('[data-field="' + name + '"]'); }
+  /** Forms rendered by a socket carry a placeholder instead of a CSRF token: put the page's in. */
+  function adoptForms(node) {
+    const token = csrfToken();
+    node.querySelectorAll("input[name=csrfmiddlewaretoken]").forEach(function (input) { input.value = token; });
+  }
 
-    function update(state) {
-      const row = rows[state.id];
-      if (!row) return;
-      row.dataset.status = state.status;
-      const badge = field(row, "status");
-      badge.className = "badge badge-" + state.status;
-      badge.textContent = names[state.status] || state.status;
-      field(row, "bar").style.width = Math.round(state.progress) + "%";
-      field(row, "progress").textContent = FTP.fmt.percent(state.progress) +
-        (state.max_steps ? " · " + state.current_step + "/" + state.max_steps : "");
-      field(row, "loss").textContent = FTP.fmt.sig(state.loss, 4, (state.nonfinite || {}).loss);
-      field(row, "eta").textContent = state.status === "running" ? FTP.fmt.duration(state.eta_seconds) : "–";
-      if (state.elapsed_seconds !== null && state.elapsed_seconds !== undefined) {
-        elapsedBase[state.id] = { value: state.elapsed_seconds, at: Date.now() };
+  function fragment(html) {
+    const template = document.createElement("template");
+    template.innerHTML = html;
+    adoptForms(template.content);
+    return template.content;
+  }
+
+  /** Children keyed by `data-key`, in the new order; a child being edited (focus inside) is kept. */
+  function morphList(container, html) {
+    const existing = {};
+    Array.from(container.children).forEach(function (child) {
+      if (child.dataset.key !== undefined) existing[child.dataset.key] = child;
+    });
+    const fresh = Array.from(fragment(html).children);
+    fresh.forEach(function (node, i) {
+      const key = node.dataset.key;
+      let current = existing[key];
+      delete existing[key];
+      if (current && !current.isEqualNode(node) && !current.contains(document.activeElement)) {
+        current.replaceWith(node);
+        current = node;
       }
-      field(row, "elapsed").dataset.running = state.status === "running" ? "1" : "";
-      tick();
-    }
+      if (!current) current = node;
+      if (container.children[i] !== current) container.insertBefore(current, container.children[i] || null);
+    });
+    Object.keys(existing).forEach(function (key) { existing[key].remove(); });
+  }
 
-    function tick() {
-      ids.forEach(function (id) {
-        const cell = field(rows[id], "elapsed");
-        const base = elapsedBase[id];
-        if (!cell || !base) return;
-        const running = cell.dataset.running === "1";
-        cell.textContent = FTP.fmt.duration(base.value + (running ? (Date.now() - base.at) / 1000 : 0));
-      });
-    }
-    window.setInterval(tick, 1000);
+  /** Swap the parts a socket sent (`{key: html}`) into the elements marked `data-live-part="key"`:
+   *  `data-live-list` → keyed children; `data-live-text` → text; otherwise the element itself. */
+  FTP.swapParts = function (root, parts) {
+    Object.keys(parts || {}).forEach(function (key) {
+      const node = root.querySelector('[data-live-part="' + key + '"]');
+      if (!node) return;
+      if (node.hasAttribute("data-live-list")) morphList(node, parts[key]);
+      else if (node.hasAttribute("data-live-text")) node.textContent = parts[key];
+      else {
+        const fresh = fragment(parts[key]).firstElementChild;
+        if (fresh && !node.isEqualNode(fresh)) node.replaceWith(fresh);
+      }
+    });
+    FTP.tick();
+  };
 
-    const socket = new FTP.LiveSocket("/ws/tasks/", {
-      params: function () { return "ids=" + ids.join(",") + "&latest=" + (config.latest || 0); },
+  /** Replace the row of `container` with the same `data-key` as the rendered `html`. */
+  FTP.replaceRow = function (container, html) {
+    const fresh = fragment(html).firstElementChild;
+    if (!fresh) return;
+    const row = container.querySelector('[data-key="' + fresh.dataset.key + '"]');
+    if (row && !row.isEqualNode(fresh)) row.replaceWith(fresh);
+    FTP.tick();
+  };
+
+  // --- times that move between messages: data-tick="<seconds>" data-tick-dir="up|down|" data-tick-format
+  const tickBase = new WeakMap();
+  function startsIn(seconds) {
+    const L = labels();
+    if (seconds < 60) return L.withinMinute || "";
+    let minutes = Math.round(seconds / 60);
+    if (minutes < 60) return interpolate(L.inMinutes || "%(m)s min", { m: minutes });
+    const hours = Math.floor(minutes / 60);
+    minutes = minutes % 60;
+    if (hours < 24) return interpolate(L.inHours || "%(h)s h %(m)s min", { h: hours, m: minutes });
+    return interpolate(L.inDays || "%(d)s d %(h)s h", { d: Math.floor(hours / 24), h: hours % 24 });
+  }
+  const TICK_FORMATS = {
+    duration: function (s) { return FTP.fmt.duration(s); },
+    ago: function (s) { return interpolate(labels().seenAgo || "%(when)s", { when: FTP.fmt.duration(s) }); },
+    startsIn: startsIn,
+  };
+  FTP.tick = function () {
+    const now = Date.now();
+    document.querySelectorAll("[data-tick]").forEach(function (node) {
+      if (node.dataset.tick === "") return;
+      let base = tickBase.get(node);
+      if (!base) { base = { value: Number(node.dataset.tick), at: now }; tickBase.set(node, base); }
+      const passed = (now - base.at) / 1000;
+      const dir = node.dataset.tickDir;
+      const value = dir === "up" ? base.value + passed : dir === "down" ? Math.max(0, base.value - passed) : base.value;
+      const text = (TICK_FORMATS[node.dataset.tickFormat] || TICK_FORMATS.duration)(value);
+      if (node.textContent !== text) node.textContent = text;
+    });
+  };
+  window.setInterval(FTP.tick, 1000);
+
+  /** Live rows of the task tables on the page (dashboard, task list): rows re-rendered by the server. */
+  FTP.liveTaskTable = function (config) {
+    const body = document.querySelector("[data-live-tasks] [data-live-part=rows]");
+    if (!body) return;
+    const ids = Array.from(body.querySelectorAll("tr[data-task-id]")).map(function (row) { return row.dataset.taskId; });
+    if (!ids.length) return;
+    FTP.taskTableSocket = new FTP.LiveSocket("/ws/tasks/", {
+      params: function () {
+        return "ids=" + ids.join(",") + "&latest=" + (config.latest || 0) + "&lang=" + encodeURIComponent(config.lang || "");
+      },
       onMessage: function (message) {
-        if (message.type === "tasks") message.tasks.forEach(update);
+        if (message.type === "tasks") message.tasks.forEach(function (task) { FTP.replaceRow(body, task.html); });
         if (message.type === "gone") message.ids.forEach(function (id) {
-          if (rows[id]) rows[id].classList.add("gone");
+          const row = body.querySelector('tr[data-task-id="' + id + '"]');
+          if (row) row.classList.add("gone");
         });
         if (message.type === "new_tasks") document.querySelectorAll("[data-new-tasks]").forEach(function (n) {
           n.hidden = false;
         });
+        FTP.tick();
       },
     });
-    FTP.taskTableSocket = socket;
+  };
+
+  /** A page whose live parts are server-rendered and sent whole by a snapshot socket. */
+  FTP.livePage = function (root, path, params, onMessage) {
+    return new FTP.LiveSocket(path, {
+      params: params,
+      onStatus: FTP.setConnection,
+      onMessage: function (message) {
+        if (message.html) FTP.swapParts(root, message.html);
+        if (onMessage) onMessage(message);
+      },
+    });
   };
 
   // --- forms -------------------------------------------------------------------------------------

@@ -1,95 +1,88 @@
-/* The deployment detail page: status and log follow the JSON API (the database is the truth:
- * `logs/?after=<seq>` resumes exactly after the last line shown), and the chat playground streams
- * the model's answer (server-sent events relayed by the platform) into the page as it arrives.
+/* The deployment pages, live over /ws/deployments/ (no HTTP polling).
+ *
+ * Detail: the socket sends the state with the page's parts re-rendered by the server
+ * ({"type": "state", "state": {...}, "html": {...}}) and the log lines after `?after=<last seq>`
+ * ({"type": "lines", ...}); a reconnect resumes exactly after the last line shown. The chat
+ * playground streams the model's answer (server-sent events relayed by the platform) as it arrives.
+ * List: rows re-rendered by the server when a deployment changes.
  */
 (function () {
   "use strict";
+  // --- the deployment list: rows re-rendered by the server when a deployment changes --------------
+  const list = document.getElementById("deployment-list");
+  if (list) {
+    const ids = Array.from(list.querySelectorAll("tr[data-deployment-id]")).map(function (r) { return r.dataset.deploymentId; });
+    if (ids.length) {
+      FTP.deploymentListSocket = new FTP.LiveSocket(list.dataset.wsPath, {
+        params: function () { return "ids=" + ids.join(",") + "&lang=" + encodeURIComponent(list.dataset.lang || ""); },
+        onMessage: function (message) {
+          if (message.type !== "deployments") return;
+          message.deployments.forEach(function (d) { FTP.replaceRow(list, d.html); });
+        },
+      });
+    }
+  }
+
   const root = document.getElementById("deployment-page");
   if (!root) return;
   const L = FTP.labels();
-  const names = L.status || {};
-  const api = root.dataset.api;
   const csrf = (document.querySelector("[name=csrfmiddlewaretoken]") || {}).value || "";
   let status = root.dataset.status;
   let lastSeq = Number(root.dataset.after) || 0;
-  const ACTIVE = ["pending", "starting", "running"];
+  let backfillAsked = false;
 
-  function field(name) { return root.querySelector('[data-field="' + name + '"]'); }
-  function fmtTime(value) { return value ? value.replace("T", " ").slice(0, 19) : "–"; }
-
-  // --- state ---------------------------------------------------------------------------------------
-  function render(d) {
-    status = d.status;
-    root.dataset.status = d.status;
-    const badge = field("status");
-    badge.className = "badge badge-" + d.status;
-    badge.textContent = names[d.status] || d.status;
-    const error = field("error");
-    error.textContent = d.error_message || "";
-    error.hidden = !d.error_message;
-    const reason = field("stop-reason");
-    reason.textContent = d.stop_reason || "";
-    reason.hidden = !(d.status === "stopped" && d.stop_reason);
-    field("where").textContent = d.host ? d.host + (d.port ? " · 127.0.0.1:" + d.port : "") : field("where").textContent;
-    field("requests").textContent = d.request_count;
-    field("tokens").textContent = d.prompt_tokens + " + " + d.completion_tokens;
-    field("ready").textContent = fmtTime(d.ready_at);
-    field("stopped").textContent = fmtTime(d.stopped_at);
-    if (d.command_line) field("command").textContent = d.command_line;
-    root.querySelectorAll("[data-show-when-active]").forEach(function (node) {
-      node.hidden = ACTIVE.indexOf(d.status) === -1;
-    });
-    document.getElementById("chat-send").disabled = d.status !== "running";
+  // --- state: the parts that follow the deployment are rendered by the server ---------------------
+  function applyState(state, html) {
+    status = state.status;
+    root.dataset.status = state.status;
+    FTP.swapParts(root, html);
+    root.querySelectorAll("[data-show-when-active]").forEach(function (node) { node.hidden = !state.is_active; });
+    document.getElementById("chat-send").disabled = state.status !== "running";
     const hint = root.querySelector("[data-chat-hint]");
-    if (hint) hint.hidden = d.status === "running";
+    if (hint) hint.hidden = state.status === "running";
   }
 
-  function pollState() {
-    fetch(api, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (d) { if (d) render(d); })
-      .catch(function () {})
-      .finally(function () { window.setTimeout(pollState, ACTIVE.indexOf(status) !== -1 ? 2000 : 10000); });
-  }
-
-  // --- log -----------------------------------------------------------------------------------------
+  // --- log: lines carry contiguous sequence numbers; a gap asks the server for a backfill ----------
   const log = document.getElementById("log");
   let stick = true;
   log.addEventListener("scroll", function () { stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 8; });
 
   function addLines(lines) {
     const fragment = document.createDocumentFragment();
-    lines.forEach(function (line) {
-      if (line.seq <= lastSeq) return;
+    for (const line of lines) {
+      if (line.seq <= lastSeq) continue;
+      if (line.seq !== lastSeq + 1) {
+        if (!backfillAsked) { backfillAsked = true; socket.send({ type: "backfill", after: lastSeq }); }
+        break;
+      }
       lastSeq = line.seq;
       const div = document.createElement("div");
       div.className = "line";
       div.dataset.seq = line.seq;
       div.textContent = line.text;
       fragment.appendChild(div);
-    });
+    }
     if (!fragment.childNodes.length) return;
+    backfillAsked = false;
     const empty = log.querySelector("[data-log-empty]");
     if (empty) empty.remove();
     log.appendChild(fragment);
     while (log.childNodes.length > 5000) log.removeChild(log.firstChild);
+    root.dataset.lastSeq = String(lastSeq);
     if (stick) log.scrollTop = log.scrollHeight;
   }
 
-  function pollLog() {
-    let more = false;
-    fetch(api + "logs/?after=" + lastSeq + "&limit=1000", { credentials: "same-origin" })
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (page) {
-        if (!page) return;
-        addLines(page.lines);
-        more = page.lines.length === 1000;
-      })
-      .catch(function () {})
-      .finally(function () {
-        window.setTimeout(pollLog, more ? 0 : (ACTIVE.indexOf(status) !== -1 ? 1000 : 10000));
-      });
-  }
+  const socket = new FTP.LiveSocket(root.dataset.wsPath, {
+    params: function () { return "after=" + lastSeq + "&lang=" + encodeURIComponent(root.dataset.lang || ""); },
+    onStatus: FTP.setConnection,
+    onOpen: function () { backfillAsked = false; },
+    onMessage: function (message) {
+      if (message.type === "deleted") { socket.stop(); FTP.setConnection("deleted"); return; }
+      if (message.type === "state") applyState(message.state, message.html);
+      if (message.type === "lines") addLines(message.lines);
+    },
+  });
+  FTP.deploymentSocket = socket;
 
   // --- chat playground -----------------------------------------------------------------------------
   const chat = document.getElementById("chat");
@@ -173,7 +166,4 @@
     history.length = 0;
     chat.textContent = "";
   });
-
-  pollState();
-  pollLog();
 })();

@@ -18,8 +18,8 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from finetune_platform.errors import ServiceValidationError
-from gpus.selectors import task_gpu_memory_usage
+from core.errors import ServiceValidationError
+from gpus.selectors import run_gpu_memory_usage
 from tasks import selectors, services
 from tasks.api.views import stop_and_wait, task_create_from_input
 from tasks.models import FinetuningTask, TaskStatus
@@ -60,7 +60,7 @@ def task_as_seed(task: FinetuningTask) -> dict[str, Any]:
         "currentStep": task.current_step, "maxSteps": task.max_steps, "currentEpoch": task.epoch,
         "etaSeconds": task.eta_seconds, "taskType": task.task_type, "trainType": task.train_type,
         "priority": task.priority, "createdAt": _epoch(task.created_at),
-        "memoryEstimateGb": task.memory_estimate_gb, "gpuMemoryUsage": task_gpu_memory_usage(task),
+        "memoryEstimateGb": task.memory_estimate_gb, "gpuMemoryUsage": run_gpu_memory_usage(task.run, task.gpu_config),
     }
 
 

@@ -8,6 +8,7 @@ from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from gpus.selectors import run_gpu_memory_usage
 from tasks.models import (
     Dataset,
     FinetuningTask,
@@ -108,14 +109,12 @@ class TaskSerializer(serializers.ModelSerializer):
         return [
             {"host": obj.host, "index": r.gpu.index, "uuid": r.gpu.uuid, "name": r.gpu.name}
             if r.gpu_id else {"host": obj.host, "cpu_slot": r.cpu_slot}
-            for r in obj.reservations.all()
+            for r in (obj.run.reservations.all() if obj.run is not None else [])
         ]
 
     def get_gpu_memory_usage(self, obj: FinetuningTask) -> dict[str, dict[str, int]]:
         """Per assigned GPU index: memory used and total (MiB) and utilization (%)."""
-        from gpus.selectors import task_gpu_memory_usage
-
-        return task_gpu_memory_usage(obj)
+        return run_gpu_memory_usage(obj.run, obj.gpu_config)
 
 
 class CheckpointSerializer(serializers.Serializer):

@@ -19,8 +19,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from finetune_platform.errors import ServiceValidationError
-from finetune_platform.streaming import file_chunks, streamed_download
+from core.errors import ServiceValidationError
+from core.streaming import file_chunks, streamed_download, zip_stream_response
+from core.swift_cli.training_args import training_args_catalogue
 from tasks import selectors, services
 from tasks.api.serializers import (
     CheckpointChoiceSerializer,
@@ -37,11 +38,9 @@ from tasks.api.serializers import (
     TaskDetailSerializer,
     TaskSerializer,
 )
-from tasks.exports import zip_stream_response
 from tasks.models import Dataset, FinetuningTask, TaskExport, TaskStatus, TaskType, TrainType
 from tasks.paths import is_within
 from tasks.presets import all_presets
-from tasks.training_args import training_args_catalogue
 
 
 class TaskFilter(filters.FilterSet):

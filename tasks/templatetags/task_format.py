@@ -64,6 +64,16 @@ def sig4(value: Any) -> str:
 
 
 @register.filter
+def task_value(task: Any, name: str) -> str:
+    """A task's live number (``loss``, ``learning_rate``, ``epoch``) to 4 significant digits, with
+    "NaN" / "∞" where swift reported a non-finite value (stored as null, its kind in ``metrics``)."""
+    metrics = getattr(task, "metrics", None)
+    marks = metrics.get("nonfinite") if isinstance(metrics, dict) else None
+    kind = marks.get(name) if isinstance(marks, dict) else None
+    return format_significant(getattr(task, name, None), 4, kind)
+
+
+@register.filter
 def sig3(value: Any) -> str:
     return format_significant(value, 3)
 

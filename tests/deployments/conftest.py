@@ -17,11 +17,12 @@ from django.db import connection
 
 from deployments.models import Deployment
 from deployments.ports import port_is_free
-from deployments.runner import run_deployment
 from deployments.services import deployment_stop
-from tasks.process import process_matches, stop_group
-from tasks.scheduler import dispatch
+from gpus.models import Run
+from gpus.process import process_matches, stop_group
+from gpus.scheduler import dispatch
 from tests.conftest import REPO, _database_url, stop_server, wait_for
+from tests.runs import run_deployment
 
 
 def free_port_block(size: int = 20) -> tuple[int, int]:
@@ -88,7 +89,7 @@ def wait_status(deployment: Deployment, *statuses: str, timeout: float = 30) -> 
 
 
 def kill_leftovers() -> None:
-    for row in Deployment.objects.exclude(pid__isnull=True):
+    for row in Run.objects.filter(kind="deploy").exclude(pid__isnull=True):
         if process_matches(row.pid, row.process_started):
             stop_group(row.pid, grace=2)
 

@@ -21,7 +21,7 @@ from accounts.services import api_token_create
 from deployments.models import Deployment, DeploymentStatus
 from deployments.ports import listening_pid
 from gpus.models import Reservation
-from tasks.process import group_members
+from gpus.process import group_members
 from tests.conftest import upload, wait_for
 from tests.deployments.conftest import nothing_listens
 from tests.tasks.test_real_swift import REAL_ARGS, create, wait_terminal
@@ -129,4 +129,4 @@ def test_a_trained_checkpoint_and_a_local_model_are_served_through_the_gateway(
                          timeout=60)
         assert nothing_listens(ended.port)
         assert group_members(ended.pid) == []
-        assert not Reservation.objects.filter(deployment=ended).exists()
+        assert not Reservation.objects.filter(run=ended.run_id).exists()

@@ -24,12 +24,13 @@ from django.db import connection
 from deployments import ports, services
 from deployments.models import Deployment, DeploymentLogLine, DeploymentStatus
 from deployments.ports import listening_pid, port_allocate, port_is_free
-from deployments.runner import claim, reconcile_host
-from gpus.models import Reservation
-from tasks.process import group_members
-from tasks.scheduler import dispatch
+from gpus import supervisor
+from gpus.models import Reservation, Run, RunStatus
+from gpus.process import group_members
+from gpus.scheduler import dispatch
 from tests.conftest import FAKE_SWIFT, announce_host, wait_for
 from tests.deployments.conftest import Runners, nothing_listens, wait_status
+from tests.runs import run_deployment
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,7 +52,7 @@ def make(alice: User, local_model: Path, host: Any) -> Callable[..., Deployment]
 def assert_port_free_and_group_gone(row: Deployment) -> None:
     assert row.port is not None and nothing_listens(row.port)
     assert row.pid is not None and group_members(row.pid) == []
-    assert not Reservation.objects.filter(deployment=row).exists()
+    assert not Reservation.objects.filter(run=row.run_id).exists()
 
 
 def test_a_deployment_starts_serves_on_its_own_port_and_stops_leaving_nothing(
@@ -90,16 +91,14 @@ def test_a_deployment_starts_serves_on_its_own_port_and_stops_leaving_nothing(
 def test_a_second_delivery_of_the_job_is_a_no_op(runners: Runners, make: Callable[..., Deployment]) -> None:
     deployment = runners.dispatch_and_start(make())
     wait_status(deployment, DeploymentStatus.RUNNING)
-    from deployments.runner import run_deployment
-
     assert "not claimed" in run_deployment(deployment.pk)
-    assert claim(deployment.pk) is False
+    assert supervisor.claim(deployment.run_id) is None
 
 
 def test_a_deployment_on_another_host_is_not_claimed_here(make: Callable[..., Deployment]) -> None:
     deployment = make()
-    Deployment.objects.filter(pk=deployment.pk).update(host="elsewhere")
-    assert claim(deployment.pk) is False
+    Run.objects.filter(pk=deployment.run_id).update(status=RunStatus.QUEUED, host="elsewhere")
+    assert supervisor.claim(deployment.run_id) is None
 
 
 def test_two_deployments_started_concurrently_get_different_ports(
@@ -194,7 +193,7 @@ def test_a_moved_port_that_belongs_to_another_deployment_fails_clearly(
         row = wait_status(deployment, DeploymentStatus.FAILED)
     assert "belongs to another deployment" in row.error_message
     assert row.ready_at is None and group_members(row.pid) == []
-    assert not Reservation.objects.filter(deployment=row).exists()
+    assert not Reservation.objects.filter(run=row.run_id).exists()
 
 
 def test_a_deployment_whose_process_dies_is_failed_and_frees_its_slot_and_port(
@@ -220,7 +219,7 @@ def test_a_failed_start_ends_failed_with_swifts_error(
     row = wait_status(runners.dispatch_and_start(make()), DeploymentStatus.FAILED)
     assert row.error_message.startswith("The model server failed to start (exit code 3)")
     assert "ValueError: fake failure requested" in row.error_message
-    assert not Reservation.objects.filter(deployment=row).exists()
+    assert not Reservation.objects.filter(run=row.run_id).exists()
 
 
 def test_a_server_that_never_becomes_ready_is_stopped_and_failed(
@@ -256,17 +255,18 @@ def test_reconcile_fails_a_deployment_whose_worker_died_and_stops_its_group(
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    Deployment.objects.filter(pk=deployment.pk).update(
-        status=DeploymentStatus.RUNNING, port=port, pid=proc.pid,
-        process_started=psutil.Process(proc.pid).create_time(), runner_pid=dead.pid,
+    Deployment.objects.filter(pk=deployment.pk).update(status=DeploymentStatus.RUNNING, port=port)
+    assert Run.objects.filter(pk=deployment.run_id, host=settings.FINETUNE_HOST).update(
+        status=RunStatus.RUNNING, pid=proc.pid, process_started=psutil.Process(proc.pid).create_time(),
+        runner_pid=dead.pid,
     )
     wait_for(lambda: not port_is_free(port), timeout=20)
-    assert reconcile_host() == [deployment.pk]
+    assert supervisor.reconcile() == [deployment.run_id]
     proc.wait(timeout=10)
     row = Deployment.objects.get(pk=deployment.pk)
     assert row.status == DeploymentStatus.FAILED and "worker supervising this deployment stopped" in row.error_message
     assert_port_free_and_group_gone(row)
-    assert reconcile_host() == []  # once
+    assert supervisor.reconcile() == []  # once
 
 
 def test_reconcile_requeues_a_deployment_placed_on_a_host_that_went_silent(
@@ -282,7 +282,7 @@ def test_reconcile_requeues_a_deployment_placed_on_a_host_that_went_silent(
     assert deployment.host == "gone-host"
     Host.objects.filter(name="gone-host").update(last_seen_at=None)
     Host.objects.filter(name=settings.FINETUNE_HOST).update(enabled=True)
-    reconcile_host()
+    assert supervisor.requeue_stranded() == [deployment.run_id]
     deployment.refresh_from_db()
     assert deployment.status == DeploymentStatus.PENDING
     assert deployment.host == settings.FINETUNE_HOST  # back in the queue, then placed on a live host

@@ -14,15 +14,15 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from core.errors import ServiceValidationError
+from core.swift_cli.training_args import TrainingArgsError
 from deployments import services
 from deployments.command import build_argv, build_env, validate_deploy_args
 from deployments.models import Deployment, DeploymentLogLine, DeploymentSource, DeploymentStatus
-from finetune_platform.errors import ServiceValidationError
-from gpus.models import Reservation
+from gpus.models import Reservation, Run, RunStatus
+from gpus.scheduler import dispatch
 from tasks.models import FinetuningTask, TaskStatus
 from tasks.paths import task_dir
-from tasks.scheduler import dispatch
-from tasks.training_args import TrainingArgsError
 from tests.conftest import announce_host
 
 URL = "/api/deployments/"
@@ -80,7 +80,7 @@ def test_a_tasks_last_checkpoint_is_deployed_as_adapters_and_dispatched(
     assert deployment.log_file_path.startswith(str(settings.WORKSPACES_DIR / str(alice.pk) / "deployments"))
     # The dispatcher placed it on this host's CPU slot (the job waits for the worker).
     assert deployment.host == settings.FINETUNE_HOST
-    assert list(Reservation.objects.filter(deployment=deployment).values_list("cpu_slot", flat=True)) == [0]
+    assert list(Reservation.objects.filter(run=deployment.run_id).values_list("cpu_slot", flat=True)) == [0]
 
 
 def test_a_named_checkpoint_and_a_merged_model_can_be_chosen(alice: User, host: Any) -> None:
@@ -161,7 +161,8 @@ def test_deploy_args_come_from_an_allow_list() -> None:
     assert validate_deploy_args({"max_new_tokens": 64, "temperature": "0.5"}) == {"max_new_tokens": 64,
                                                                                  "temperature": 0.5}
     for bad in ({"api_key": "x"}, {"host": "0.0.0.0"}, {"external_plugins": "evil.py"}, {"--port": 1},
-                {"system": "--api_key x"}, {"max_new_tokens": -1}):
+                {"system": "--api_key x"}, {"max_new_tokens": -1},
+                {"system": "/work/data/other-user/notes.txt"}):  # swift would open a .txt as a file
         with pytest.raises(TrainingArgsError):
             validate_deploy_args(bad)
 
@@ -188,9 +189,9 @@ def test_vllm_on_two_gpus_gets_tensor_parallelism_and_their_uuids(
     task = make_task(alice)
     deployment = services.deployment_create(owner=alice, name="big", task=task.pk, backend="vllm",
                                             gpu_config={"count": 2})
-    assert dispatch().deployments == [deployment.pk]
-    launch = build_env(deployment, workdir=tmp_path)
-    uuids = list(Reservation.objects.filter(deployment=deployment).order_by("gpu__index")
+    assert dispatch() == [deployment.run_id]
+    launch = build_env(deployment.run, workdir=tmp_path)
+    uuids = list(Reservation.objects.filter(run=deployment.run_id).order_by("gpu__index")
                  .values_list("gpu__uuid", flat=True))
     assert launch.env["CUDA_VISIBLE_DEVICES"] == ",".join(uuids) and len(uuids) == 2
     assert "NPROC_PER_NODE" not in launch.env
@@ -203,11 +204,11 @@ def test_stopping_a_placed_deployment_before_it_starts_frees_its_slot(alice: Use
     task = make_task(alice)
     deployment = services.deployment_create(owner=alice, name="c", task=task.pk, gpu_config={"cpu": True})
     dispatch()
-    assert Reservation.objects.filter(deployment=deployment).count() == 1
+    assert Reservation.objects.filter(run=deployment.run_id).count() == 1
     deployment = services.deployment_stop(deployment=deployment)
     assert deployment.status == DeploymentStatus.STOPPED and deployment.stop_requested_at is not None
-    assert not Reservation.objects.filter(deployment=deployment).exists()
-    from deployments.runner import run_deployment
+    assert not Reservation.objects.filter(run=deployment.run_id).exists()
+    from tests.runs import run_deployment
 
     assert "not claimed" in run_deployment(deployment.pk)  # the job that was already enqueued is a no-op
 
@@ -220,6 +221,7 @@ def test_idle_deployments_are_asked_to_stop_only_when_configured(alice: User, ho
     Deployment.objects.filter(pk=idle.pk).update(status=DeploymentStatus.RUNNING, ready_at=old, last_request_at=old)
     Deployment.objects.filter(pk=busy.pk).update(status=DeploymentStatus.RUNNING, ready_at=old,
                                                  last_request_at=timezone.now())
+    Run.objects.filter(pk__in=[idle.run_id, busy.run_id]).update(status=RunStatus.RUNNING)  # their servers run
     settings.FINETUNE_DEPLOY_IDLE_MINUTES = 0
     assert services.deployment_stop_idle() == []
     settings.FINETUNE_DEPLOY_IDLE_MINUTES = 10
@@ -271,6 +273,12 @@ def test_bob_cannot_see_stop_read_or_delete_alices_deployment(
         assert response.status_code == 404, (method, path, response.content)
     deployment.refresh_from_db()
     assert deployment.status == DeploymentStatus.PENDING and deployment.stop_requested_at is None
+    # Filtering by task tells nothing about other users' task ids: Alice's and a missing one look alike.
+    for task_id in (task.pk, 999_999):
+        response = bob_api.get(f"{URL}?task={task_id}")
+        assert response.status_code == 200 and response.json()["count"] == 0, response.content
+    assert alice_api.get(f"{URL}?task={task.pk}").json()["count"] == 1
+    assert alice_api.get(f"{URL}?task=abc").status_code == 400  # not a number: a 400 naming the filter
     assert alice_api.get(f"{URL}{deployment.pk}/logs/").json()["lines"][0]["text"] == "secret"
 
 

@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 from deployments.models import Deployment, DeploymentStatus
 from deployments.ports import listening_pid
 from gpus.models import Reservation
-from tasks.process import group_members
+from gpus.process import group_members
 from tests.conftest import announce_host, wait_for
 from tests.deployments.conftest import nothing_listens
 
@@ -46,4 +46,4 @@ def test_a_worker_crash_fails_the_deployment_and_frees_its_port_and_slot(
     assert "worker supervising this deployment stopped" in failed.error_message
     wait_for(lambda: not group_members(row.pid), timeout=30)
     assert nothing_listens(row.port)
-    assert not Reservation.objects.filter(deployment_id=pk).exists()
+    assert not Reservation.objects.filter(run_id=row.run_id).exists()

@@ -8,7 +8,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from gpus.inventory import Discovery, GpuInfo, parse_fake_gpus
-from gpus.models import Gpu, Host, Reservation
+from gpus.models import Gpu, Host, Reservation, Run
 from gpus.services import host_announce
 from tasks.models import FinetuningTask
 from tests.conftest import announce_host
@@ -16,6 +16,16 @@ from tests.conftest import announce_host
 
 def announce(name: str = "gpu-host-01", spec: str = "2x80", cpu: int = 0) -> Host:
     return announce_host(name, spec, cpu)
+
+
+def running_task(owner: Any, name: str, **fields: Any) -> FinetuningTask:
+    """A running task with its current run (``fields``: columns of the run, e.g. ``host``)."""
+    task = FinetuningTask.objects.create(owner=owner, name=name, base_model="x/y", model_path="x/y",
+                                         status="running", gpu_config=fields.pop("gpu_config", {}))
+    task.run = Run.objects.create(kind="train", subject_id=task.pk, owner=owner, label=f"#{task.pk} {name}",
+                                  status="running", **fields)
+    task.save(update_fields=["run"])
+    return task
 
 
 def test_announcing_creates_the_host_and_its_gpus_and_reports_new_capacity(db: None) -> None:
@@ -55,10 +65,8 @@ def test_a_holder_task_is_named_only_to_its_owner_and_staff(
 ) -> None:
     host = announce()
     gpu = host.gpus.get(index=0)
-    task = FinetuningTask.objects.create(
-        owner=alice, name="secret-project", base_model="x/y", model_path="x/y", status="running"
-    )
-    Reservation.objects.create(host=host, gpu=gpu, task=task)
+    task = running_task(alice, "secret-project")
+    Reservation.objects.create(host=host, gpu=gpu, run=task.run)
 
     def holder(client: APIClient) -> dict[str, Any]:
         return next(g for g in client.get("/api/gpus/").json() if g["index"] == 0)
@@ -83,7 +91,8 @@ def test_the_gpu_agent_command_announces_this_host(db: None, settings: Any) -> N
     settings.FINETUNE_HOST = "agent-host"
     call_command("gpu_agent", "--once")
     host = Host.objects.get(name="agent-host")
-    assert host.gpus.get().memory_total_mb == 24 * 1024 and host.cpu_slots == 0
+    # Every host offers one CPU slot by default, a GPU host too (it runs exports there).
+    assert host.gpus.get().memory_total_mb == 24 * 1024 and host.cpu_slots == 1
 
 
 def test_a_host_without_gpus_gets_one_cpu_slot_by_default(db: None, settings: Any) -> None:
@@ -132,15 +141,7 @@ def test_impossible_requests_are_a_400_naming_gpu_config(alice_api: APIClient) -
 def test_the_detail_reports_gpu_memory_usage_per_assigned_gpu(alice: Any, alice_api: APIClient) -> None:
     host = announce(spec="2x80")
     Gpu.objects.filter(host=host, index=1).update(memory_used_mb=15000, utilization_pct=85)
-    task = FinetuningTask.objects.create(
-        owner=alice,
-        name="t",
-        base_model="x/y",
-        model_path="x/y",
-        status="running",
-        host=host.name,
-        gpu_config={"devices": "1"},
-    )
+    task = running_task(alice, "t", host=host.name, gpu_config={"devices": "1"})
     usage = alice_api.get(f"/api/finetuning/tasks/{task.pk}/").json()["gpu_memory_usage"]
     assert usage == {"1": {"memory_used": 15000, "memory_total": 80 * 1024, "utilization": 85}}
     seed = alice_api.get(f"/finetuning/getTask?id={task.pk}").json()["data"]["gpuMemoryUsage"]
@@ -156,12 +157,10 @@ def test_listing_tasks_costs_the_same_queries_for_5_or_15_tasks(alice: Any, alic
 
     def make(n: int) -> None:
         for i in range(n):
-            task = FinetuningTask.objects.create(
-                owner=alice, name=f"t{i}", base_model="x/y", model_path="x/y", status="running"
-            )
+            task = running_task(alice, f"t{i}")
             gpu = next(gpus, None)
             if gpu is not None:  # some tasks hold a GPU, so the reservations path is exercised
-                Reservation.objects.create(host=host, gpu=gpu, task=task)
+                Reservation.objects.create(host=host, gpu=gpu, run=task.run)
 
     make(5)
     alice_api.get("/api/finetuning/tasks/")  # the token's last_used_at is written at most once a minute

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gpus.estimate import estimate_memory_gb, parameters_from_config
+from core.swift_cli.estimate import estimate_memory_gb, parameters_from_config
 from gpus.inventory import discover, discover_nvml, parse_fake_gpus
 from gpus.placement import GpuSlot, HostState, Placement, Request, impossible_reason, place, take
 

@@ -13,7 +13,8 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.services import api_token_create
-from tasks import scheduler, services
+from gpus import scheduler
+from tasks import services
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric, TaskStatus
 
 # Tasks start only where a live host offers a slot (here: one CPU slot).
@@ -48,7 +49,7 @@ def task(alice: User, local_model: Path, dataset: Dataset) -> FinetuningTask:
         training_args={"max_steps": 4, "logging_steps": 1},
         gpu_config={"cpu": True},
     )
-    assert scheduler.dispatch_pending() == [task.pk]
+    assert scheduler.dispatch() == [task.run_id]
     task.refresh_from_db()
     assert task.status == TaskStatus.QUEUED
     return task

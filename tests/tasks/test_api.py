@@ -93,7 +93,13 @@ def test_a_hub_model_and_hub_datasets_pass_through(alice_api: APIClient) -> None
         ({"train_type": "magic"}, "train_type"),
         ({"priority": 11}, "priority"),
         ({"gpu_config": {"devices": "0; rm -rf /"}}, "gpu_config"),
+        ({"gpu_config": {"devices": "0,0"}}, "gpu_config"),  # one card twice: it could never start
+        ({"gpu_config": {"gpu_ids": [1, 2, 1]}}, "gpu_config"),
+        ({"gpu_config": {"devices": ",".join(str(i) for i in range(65))}}, "gpu_config"),
         ({"training_args": "--output_dir /tmp/x"}, "training_args"),
+        # swift opens a system prompt ending in .txt as a file (its text would land in the log)
+        ({"training_args": {"system": "/etc/hostname.txt"}}, "training_args"),
+        ({"training_args": {"system": "../../secret.txt"}}, "training_args"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(
@@ -212,7 +218,7 @@ def test_under_asgi_a_download_is_streamed_asynchronously(tmp_path: Path) -> Non
 
     from django.test import AsyncRequestFactory
 
-    from finetune_platform.streaming import file_chunks, streamed_download
+    from core.streaming import file_chunks, streamed_download
 
     path = tmp_path / "big.log"
     path.write_bytes(b"x" * (3 * (1 << 20) + 5))
@@ -259,7 +265,7 @@ def test_bob_gets_404_on_the_seed_calls_for_alices_task(bob_api: APIClient, task
     assert bob_api.post("/finetuning/stopTask", {"id": tid}, format="json").status_code == 404
     assert bob_api.delete(f"/finetuning/deleteTask?id={tid}").status_code == 404
     assert bob_api.get("/finetuning/getTaskList").json()["data"]["total"] == 0
-    assert FinetuningTask.objects.filter(pk=tid, stop_requested_at__isnull=True).exists()
+    assert FinetuningTask.objects.filter(pk=tid, run__stop_requested_at__isnull=True).exists()
 
 
 def test_staff_see_every_users_tasks(staff_api: APIClient, task: dict[str, Any]) -> None:

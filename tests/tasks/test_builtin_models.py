@@ -15,14 +15,14 @@ import pytest
 from django.contrib.auth.models import User
 
 import finetune_platform.settings as platform_settings
+from gpus.scheduler import dispatch as dispatch_pending
 from tasks import services
 from tasks.builtin_models import BuiltinModelError, builtin_model_path, ensure_builtin_model
 from tasks.command import LaunchError, build_argv, build_export_argv
 from tasks.models import FinetuningTask, TaskStatus
 from tasks.presets import get_preset
-from tasks.runner import run_task
-from tasks.scheduler import dispatch_pending
 from tests.conftest import SWIFT_PYTHON
+from tests.runs import run_task
 
 pytestmark = pytest.mark.usefixtures("cpu_host")
 
@@ -81,7 +81,7 @@ def test_a_smoke_task_from_the_preset_takes_the_cpu_slot_of_a_host_without_gpus(
 ) -> None:
     task = smoke_task(alice)
     assert task.status == TaskStatus.QUEUED and task.gpu_config == {}
-    reservation = task.reservations.get()
+    reservation = task.run.reservations.get()
     assert reservation.cpu_slot is not None and reservation.gpu_id is None
 
 

@@ -4,8 +4,6 @@ every "silent for N seconds" is ``Now() - heartbeat`` in the database, so a host
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,15 +16,13 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from deployments.models import Deployment, DeploymentStatus
-from deployments.runner import DeploymentRun
-from deployments.runner import reconcile_host as reconcile_deployments
-from gpus.models import Host
+from gpus.models import Host, Run, RunStatus
+from gpus.process import DATABASE_PATIENCE_SECONDS
 from gpus.selectors import gpu_overview, host_list
-from tasks.exports import reconcile_exports
+from gpus.supervisor import Supervisor, reconcile
 from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskStatus
-from tasks.process import DATABASE_PATIENCE_SECONDS
-from tasks.runner import reconcile_host
 from tests.conftest import announce_host
+from tests.runs import stage_run, stage_task
 
 pytestmark = pytest.mark.django_db
 
@@ -45,28 +41,12 @@ def skewed_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return request.param
 
 
-@pytest.fixture
-def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """A live process standing in for a runner (a worker process) or its swift group."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def running_task(owner: User, name: str, *, host: str, silent: timedelta, **fields: Any) -> FinetuningTask:
     """A running task whose runner last beat ``silent`` ago by the database's clock (as it writes it)."""
-    task = FinetuningTask.objects.create(owner=owner, name=name, base_model="x/y", model_path="x/y",
-                                         status=TaskStatus.RUNNING, host=host, **fields)
-    FinetuningTask.objects.filter(pk=task.pk).update(heartbeat_at=Now() - silent)
+    task = stage_task(owner, name=name, host=host, **fields)
+    Run.objects.filter(pk=task.run_id).update(heartbeat_at=Now() - silent)
     return task
 
 
@@ -75,11 +55,11 @@ def test_a_skewed_reconciler_fails_the_silent_task_of_another_host_and_no_health
 ) -> None:
     healthy = running_task(alice, "healthy", host="gpu-host-8", silent=timedelta(seconds=1))
     silent = running_task(alice, "silent", host="gpu-host-9", silent=SILENT)
-    assert reconcile_host() == [silent.pk]
+    assert reconcile() == [silent.run_id]
     healthy.refresh_from_db()
     silent.refresh_from_db()
     assert healthy.status == TaskStatus.RUNNING
-    assert silent.status == TaskStatus.FAILED
+    assert silent.status == TaskStatus.FAILED and silent.run.status == RunStatus.LOST  # lost: reservations kept
     assert "Host gpu-host-9 stopped reporting for 180 s" in silent.error_message  # the database's 3 min
 
 
@@ -89,7 +69,7 @@ def test_a_clock_step_on_this_host_does_not_kill_its_own_live_runs(
     runner, swift = sleeper(), sleeper()
     task = running_task(alice, "mine", host=settings.FINETUNE_HOST, silent=timedelta(seconds=1),
                         runner_pid=runner.pid, pid=swift.pid, process_started=psutil.Process(swift.pid).create_time())
-    assert reconcile_host() == []
+    assert reconcile() == []
     task.refresh_from_db()
     assert task.status == TaskStatus.RUNNING and swift.poll() is None
 
@@ -101,7 +81,7 @@ def test_a_silent_runner_on_this_host_is_lost_whatever_this_hosts_clock_says(
     # Silent beyond the patience a live runner gets through a database outage (see the test below).
     task = running_task(alice, "wedged", host=settings.FINETUNE_HOST, silent=WEDGED,
                         runner_pid=runner.pid, pid=swift.pid, process_started=psutil.Process(swift.pid).create_time())
-    assert reconcile_host() == [task.pk]
+    assert reconcile() == [task.run_id]
     assert swift.wait(timeout=10) is not None  # its swift group was stopped
 
 
@@ -109,16 +89,20 @@ def test_a_skewed_reconciler_judges_deployments_by_the_database_clock(skewed_clo
     rows = {}
     for name, host, silent in (("healthy", "gpu-host-8", timedelta(seconds=1)), ("silent", "gpu-host-9", SILENT)):
         rows[name] = Deployment.objects.create(owner=alice, name=name, status=DeploymentStatus.RUNNING, host=host)
-        Deployment.objects.filter(pk=rows[name].pk).update(heartbeat_at=Now() - silent)
-    assert reconcile_deployments() == [rows["silent"].pk]
+        stage_run(rows[name], host=host)
+        Run.objects.filter(pk=rows[name].run_id).update(heartbeat_at=Now() - silent)
+    assert reconcile() == [rows["silent"].run_id]
     assert Deployment.objects.get(pk=rows["healthy"].pk).status == DeploymentStatus.RUNNING
+    assert Deployment.objects.get(pk=rows["silent"].pk).status == DeploymentStatus.FAILED
 
 
 def test_a_deployment_heartbeat_is_stamped_with_the_database_clock(skewed_clock: timedelta, alice: User) -> None:
     deployment = Deployment.objects.create(owner=alice, name="beat", status=DeploymentStatus.RUNNING,
                                            host=settings.FINETUNE_HOST)
-    DeploymentRun(deployment).heartbeat()
-    row = Deployment.objects.annotate(silent_for=Now() - F("heartbeat_at")).get(pk=deployment.pk)
+    run = stage_run(deployment, host=settings.FINETUNE_HOST, runner_instance="beat",
+                    heartbeat_at=timezone.now() - TEN_MINUTES)
+    Supervisor(run).heartbeat()
+    row = Run.objects.annotate(silent_for=Now() - F("heartbeat_at")).get(pk=run.pk)
     assert abs(row.silent_for.total_seconds()) < 5
 
 
@@ -142,10 +126,15 @@ def test_a_skewed_reconciler_fails_only_the_export_of_a_silent_host(skewed_clock
     task = FinetuningTask.objects.create(owner=alice, name="t", base_model="x/y", model_path="x/y",
                                          status=TaskStatus.COMPLETED)
     exports = {host: TaskExport.objects.create(task=task, checkpoint=f"/nowhere/{host}", output_path=f"/nowhere/{host}",
-                                               status=ExportStatus.RUNNING, host=host)
+                                               status=ExportStatus.RUNNING)
                for host in ("gpu-host-8", "gpu-host-9")}
-    assert reconcile_exports() == [exports["gpu-host-9"].pk]
+    for host, export in exports.items():  # its supervisor beat with the database's clock, as its host reported
+        stage_run(export, host=host)
+        Run.objects.filter(pk=export.run_id).update(heartbeat_at=Now() - (SILENT if host == "gpu-host-9" else
+                                                                          timedelta(seconds=1)))
+    assert reconcile() == [exports["gpu-host-9"].run_id]
     assert TaskExport.objects.get(pk=exports["gpu-host-8"].pk).status == ExportStatus.RUNNING
+    assert TaskExport.objects.get(pk=exports["gpu-host-9"].pk).status == ExportStatus.FAILED
 
 
 def test_a_live_runner_silent_through_a_database_outage_keeps_its_run(alice: User, sleeper: Any) -> None:
@@ -155,7 +144,7 @@ def test_a_live_runner_silent_through_a_database_outage_keeps_its_run(alice: Use
     task = running_task(alice, "outage", host=settings.FINETUNE_HOST, silent=timedelta(minutes=5),
                         started_at=timezone.now(), runner_pid=runner.pid, pid=swift.pid,
                         process_started=psutil.Process(swift.pid).create_time())
-    assert reconcile_host() == []
+    assert reconcile() == []
     task.refresh_from_db()
     assert task.status == TaskStatus.RUNNING and swift.poll() is None
 
@@ -167,5 +156,5 @@ def test_a_recycled_runner_pid_does_not_keep_a_dead_runners_run(alice: User, sle
     task = running_task(alice, "recycled", host=settings.FINETUNE_HOST, silent=timedelta(minutes=5),
                         started_at=timezone.now() - timedelta(minutes=10), runner_pid=younger.pid, pid=swift.pid,
                         process_started=psutil.Process(swift.pid).create_time())
-    assert reconcile_host() == [task.pk]
+    assert reconcile() == [task.run_id]
     assert swift.wait(timeout=10) is not None and younger.poll() is None

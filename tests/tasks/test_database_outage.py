@@ -20,19 +20,24 @@ from django.contrib.auth.models import User
 from django.db import OperationalError, transaction
 from django.db.models.query import QuerySet
 
+from core.swift_cli.output import MetricPoint
 from deployments.models import DeploymentLogLine, DeploymentStatus
 from deployments.services import deployment_create, deployment_stop
+from gpus import supervisor as supervisor_module
+from gpus.models import RunStatus
+from gpus.outage import Backoff
+from gpus.process import process_matches
+from gpus.scheduler import dispatch
+from gpus.supervisor import Supervisor, claim
+from gpus.workloads import Outcome
 from tasks import publisher as publisher_module
-from tasks import runner as runner_module
 from tasks import services
-from tasks.exports import run_export
+from tasks import workloads as workloads_module
 from tasks.models import FinetuningTask, TaskEvent, TaskExport, TaskLogLine, TaskMetric, TaskStatus
-from tasks.process import process_matches
-from tasks.publisher import Backoff, ProgressPublisher
-from tasks.runner import TaskRun, claim, run_task
-from tasks.swift_output import MetricPoint
+from tasks.publisher import ProgressPublisher
 from tests.conftest import announce_host, wait_for
 from tests.deployments.conftest import Runners, deploy_ports, runners, wait_status  # noqa: F401 - the fixtures
+from tests.runs import run_export, run_task
 
 
 class Failing:
@@ -66,12 +71,12 @@ def stored(task: FinetuningTask) -> list[tuple[int, str]]:
     return list(TaskLogLine.objects.filter(task=task).order_by("seq").values_list("seq", "text"))
 
 def fail_stop_checks(monkeypatch: pytest.MonkeyPatch, *, times: int, message: str) -> dict[str, int]:
-    """Make a runner's stop-request reads fail ``times`` times with ``message``; returns the counter."""
+    """Make a supervisor's stop-request reads fail ``times`` times with ``message``; returns the counter."""
     real_values = QuerySet.values
     stop_checks = {"n": 0}
 
     def values(self: QuerySet[Any], *fields: str, **expressions: Any) -> QuerySet[Any]:
-        if fields == ("stop_requested_at",):
+        if fields == ("status", "runner_instance", "stop_requested_at"):
             stop_checks["n"] += 1
             if stop_checks["n"] <= times:
                 raise OperationalError(message)
@@ -169,24 +174,28 @@ def test_a_write_whose_commit_answer_was_lost_is_not_written_twice(
     assert kinds == ["checkpoint", "stopped"]
 
 
+@pytest.mark.usefixtures("cpu_host")
 def test_a_full_buffer_stops_reading_the_log_until_the_database_is_back(
     make_task: Callable[..., FinetuningTask], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     task = make_task()
     log = tmp_path / "train.log"
     log.write_text("".join(f"line {i}\n" for i in range(1, 5001)))
-    task.log_file_path = str(log)
-    monkeypatch.setattr(runner_module, "_READ_CHUNK", 4096)
+    monkeypatch.setattr(supervisor_module, "_READ_CHUNK", 4096)
     monkeypatch.setattr(publisher_module, "MAX_BUFFERED_CHARS", 20_000)
-    run = TaskRun(task)
+    claimed = claim(task.run_id)  # the publisher writes only for the supervisor owning the run
+    assert claimed is not None
+    claimed.log_file_path = str(log)
+    run = Supervisor(claimed)
+    publisher = run.workload.publisher
     away = Failing(TaskLogLine.objects.bulk_create, fail=range(1, 10**6))
     monkeypatch.setattr(TaskLogLine.objects, "bulk_create", away)
 
     for _ in range(3):  # the supervise loop, while every write fails
         assert run.read_output() is False
-        assert not run.publisher.flush(force=True)
-        run.publisher.backoff.wait()
-    held = len(run.publisher._lines)
+        assert not publisher.flush(force=True)
+        publisher.backoff.wait()
+    held = len(publisher._lines)
     assert 0 < held < 1000 and run.log_offset < log.stat().st_size  # the rest waits in the file
 
     monkeypatch.setattr(TaskLogLine.objects, "bulk_create", away.real)  # the database is back
@@ -200,14 +209,20 @@ def test_the_final_state_is_written_once_the_database_answers_again(
     make_task: Callable[..., FinetuningTask], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task = make_task()
-    assert claim(task.pk)
+    run = claim(task.run_id)
+    assert run is not None
     task.refresh_from_db()
     failing = Failing(services.finetuning_task_finish, fail=range(1, 3), message="the database system is starting up")
-    monkeypatch.setattr(services, "finetuning_task_finish", failing)
-    TaskRun(task).finish(TaskStatus.COMPLETED, exit_code=0)
+    monkeypatch.setattr(workloads_module, "finetuning_task_finish", failing)
+    supervisor = Supervisor(run)
+    # What the run buffered last (its last line, the checkpoint found at its exit) survives the retries.
+    supervisor.workload.publisher.add_lines(["the last line"])
+    supervisor.workload.publisher.set(last_checkpoint="/x/checkpoint-6")
+    supervisor.end(Outcome(RunStatus.SUCCEEDED, exit_code=0))
     assert failing.calls == 3
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED
+    assert task.last_checkpoint == "/x/checkpoint-6" and stored(task)[-1][1] == "the last line"
 
 
 @pytest.mark.usefixtures("cpu_host")
@@ -221,7 +236,7 @@ def test_a_run_survives_failing_writes_and_stop_checks_and_loses_no_line(
     writes = Failing(TaskLogLine.objects.bulk_create, fail=range(2, 8))
     monkeypatch.setattr(TaskLogLine.objects, "bulk_create", writes)
     stop_checks = fail_stop_checks(monkeypatch, times=2, message="terminating connection due to administrator command")
-    assert "completed" in run_task(task.pk)
+    assert "succeeded" in run_task(task.pk)
     task.refresh_from_db()
     assert writes.calls >= 8 and stop_checks["n"] > 2  # both really failed, more than once
     assert task.status == TaskStatus.COMPLETED and task.exit_code == 0, task.error_message
@@ -244,10 +259,11 @@ def test_an_export_goes_on_through_failing_stop_checks_and_records_its_end_when_
     run_task(task.pk)
     fake_swift(step_seconds=1.2)  # the merge takes a moment: a few stop checks
     export = services.task_export_create(task=task)
+    dispatch()  # an export books the CPU slot the task freed (after commit in production)
     stop_checks = fail_stop_checks(monkeypatch, times=2, message="database is locked")
     finishes = Failing(services.task_export_finish, fail=range(1, 2))
-    monkeypatch.setattr(services, "task_export_finish", finishes)
-    assert run_export(export.pk) == f"export {export.pk}: completed"
+    monkeypatch.setattr(workloads_module, "task_export_finish", finishes)
+    assert run_export(export.pk) == f"run {export.run_id} (export {export.pk}): succeeded"
     assert stop_checks["n"] >= 2 and finishes.calls == 2
     assert Path(TaskExport.objects.get(pk=export.pk).output_path, "config.json").is_file()
 
@@ -261,17 +277,7 @@ def test_a_deployment_keeps_serving_through_failing_log_writes_and_stop_checks(
     announce_host(cpu=1)
     writes = Failing(DeploymentLogLine.objects.bulk_create, fail=range(2, 5))
     monkeypatch.setattr(DeploymentLogLine.objects, "bulk_create", writes)
-    real_values = QuerySet.values
-    stop_checks = {"n": 0}
-
-    def values(self: QuerySet[Any], *fields: str, **expressions: Any) -> QuerySet[Any]:
-        if fields == ("stop_requested_at", "stop_reason"):
-            stop_checks["n"] += 1
-            if stop_checks["n"] <= 3:
-                raise OperationalError("terminating connection due to administrator command")
-        return real_values(self, *fields, **expressions)
-
-    monkeypatch.setattr(QuerySet, "values", values)
+    stop_checks = fail_stop_checks(monkeypatch, times=3, message="terminating connection due to administrator command")
     deployment = deployment_create(owner=alice, name="fake", model="fake-model", gpu_config={"cpu": True})
     runners.dispatch_and_start(deployment)
     row = wait_status(deployment, DeploymentStatus.RUNNING)

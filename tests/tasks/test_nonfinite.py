@@ -15,14 +15,14 @@ from django.contrib.auth.models import User
 from django.test import Client
 from rest_framework.test import APIClient
 
+from core.swift_cli.output import JsonlTail, LogSplitter, MetricPoint, interpret_logging_record
 from finetune_platform.asgi import application
 from tasks.consumers import encode_finite_json
 from tasks.models import FinetuningTask, TaskMetric, TaskStatus
 from tasks.publisher import NONFINITE_KEY, ProgressPublisher
-from tasks.runner import run_task
-from tasks.swift_output import JsonlTail, LogSplitter, MetricPoint, interpret_logging_record
 from tasks.templatetags.task_format import format_significant
 from tests.conftest import FIXTURES, announce_host
+from tests.runs import run_task
 
 RECORDED = FIXTURES / "swift_outputs" / "nonfinite"
 
@@ -94,7 +94,7 @@ def test_a_diverged_run_completes_is_stored_with_nulls_and_renders(
 ) -> None:
     fake_swift(nonfinite_from_step=4)  # "loss": NaN, "grad_norm": Infinity from step 4; train_loss NaN
     task = make_task()
-    assert "completed" in run_task(task.pk)
+    assert "succeeded" in run_task(task.pk)
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED and task.exit_code == 0, task.error_message
     assert task.loss is None and task.metrics["train_loss"] is None
@@ -124,8 +124,11 @@ def test_a_diverged_run_completes_is_stored_with_nulls_and_renders(
     assert response.status_code == 200
     state = json.loads(response.content.decode().split('id="task-state" type="application/json">')[1]
                        .split("</script>")[0])
-    assert state["loss"] is None and state[NONFINITE_KEY]["loss"] == "nan"  # the page shows "NaN"
-    assert page.get("/tasks/").status_code == 200
+    assert state["loss"] is None and state[NONFINITE_KEY]["loss"] == "nan"
+    # The server renders "NaN" itself (before any script runs), on the page and in the list's row.
+    assert '<dd data-field="loss">NaN</dd>' in response.content.decode()
+    listing = page.get("/tasks/")
+    assert listing.status_code == 200 and '<td class="num" data-field="loss">NaN</td>' in listing.content.decode()
 
 
 @pytest.mark.django_db(transaction=True)

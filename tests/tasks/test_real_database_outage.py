@@ -23,8 +23,8 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIClient
 
+from core.swift_cli.output import LogSplitter
 from tasks.models import FinetuningTask, TaskLogLine, TaskMetric, TaskStatus
-from tasks.swift_output import LogSplitter
 from tests.conftest import upload, wait_for
 from tests.tasks.test_real_swift import REAL_ARGS, create
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
+from gpus.process import group_members
 from tasks.models import FinetuningTask
-from tasks.process import group_members
 from tests.conftest import upload, wait_for
 
 pytestmark = [pytest.mark.real_swift, pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]

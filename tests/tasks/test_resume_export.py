@@ -18,11 +18,15 @@ import pytest
 from django.contrib.auth.models import User
 from django.db import connection
 from django.test import Client
+from django.utils import timezone
 from django_q.models import OrmQ
 from rest_framework.test import APIClient
 
+from gpus import supervisor
+from gpus.models import Reservation, Run, RunStatus
+from gpus.scheduler import dispatch as dispatch_pending
+from gpus.scheduler import worker_queue
 from tasks import services
-from tasks.exports import reconcile_exports, run_export
 from tasks.models import (
     Dataset,
     ExportStatus,
@@ -33,15 +37,19 @@ from tasks.models import (
     TaskStatus,
     TrainType,
 )
-from tasks.runner import run_task
-from tasks.scheduler import dispatch_pending, worker_queue
 from tests.conftest import wait_for
+from tests.runs import run_export as supervise_export
+from tests.runs import run_task
 from tests.tasks.conftest import ARGS
 
 pytestmark = pytest.mark.usefixtures("cpu_host")
 
 
-
+def run_export(export_id: int) -> str:
+    """Dispatch (an export books a CPU slot like any run; the on-commit dispatch does not run inside a
+    test transaction) and supervise the export here."""
+    dispatch_pending()
+    return supervise_export(export_id)
 
 
 def run_to_end(task: FinetuningTask) -> FinetuningTask:
@@ -112,6 +120,37 @@ def test_a_resumed_run_continues_the_steps_without_duplicates_and_the_log_sequen
     assert kinds.count("started") == 2 and kinds.count("queued") == 2
     assert kinds.index("failed") < kinds.index("resumed") < len(kinds) - 1 and kinds[-1] == "completed"
     assert task.events.get(kind="resumed").message.startswith("Resumed from checkpoint-3")
+
+
+def test_a_resume_is_a_new_run_of_the_same_task_and_the_old_run_keeps_how_it_ended(
+    failed_at_step_5: FinetuningTask,
+) -> None:
+    task = failed_at_step_5
+    first = Run.objects.get(pk=task.run_id)
+    assert first.kind == "train" and first.subject_id == task.pk and first.number == task.run_number == 1
+    assert first.status == RunStatus.FAILED and first.error and first.finished_at is not None
+    assert first.exit_code not in (None, 0) and not Reservation.objects.filter(run=first).exists()
+    first_error = first.error
+
+    task = services.finetuning_task_resume(task=task)
+    assert task.run_id != first.pk
+    second = Run.objects.get(pk=task.run_id)
+    assert second.kind == "train" and second.subject_id == task.pk and second.owner_id == task.owner_id
+    assert second.number == task.run_number == 2 and second.status == RunStatus.PENDING
+    assert second.error == "" and second.exit_code is None and second.pid is None and second.finished_at is None
+    # The first run is history: its end, error and exit code stay as they were.
+    first.refresh_from_db()
+    assert first.status == RunStatus.FAILED and first.error == first_error and first.finished_at is not None
+    assert Run.objects.filter(kind="train", subject_id=task.pk).count() == 2
+
+    task = run_to_end(task)
+    assert task.status == TaskStatus.COMPLETED and task.run_id == second.pk and task.run.number == 2
+    second.refresh_from_db()
+    first.refresh_from_db()
+    assert second.status == RunStatus.SUCCEEDED and second.exit_code == 0
+    assert first.status == RunStatus.FAILED and first.error == first_error
+    # The task's fields read its current run: the failure of run 1 is not the completed task's error.
+    assert task.error_message == "" and task.exit_code == 0
 
 
 def test_the_api_lists_checkpoints_of_every_run_with_step_time_and_size(
@@ -280,11 +319,15 @@ def test_an_export_merges_the_last_checkpoint_on_the_cpu_and_can_be_downloaded(
     checkpoint = Path(task.last_checkpoint)
     assert created["status"] == "pending" and created["checkpoint"] == str(checkpoint)
     assert created["output_path"] == f"{checkpoint}-merged" and created["download_url"] is None
+    export = TaskExport.objects.get(pk=created["id"])
+    # An export is a run in the CPU lane: it booked this host's CPU slot and its job went to that host.
+    assert list(Reservation.objects.filter(run=export.run_id).values_list("cpu_slot", flat=True)) == [0]
     (job,) = OrmQ.objects.all()
-    assert job.key == worker_queue(task.host) and job.func() == "tasks.jobs.run_export"
+    assert job.key == worker_queue(task.host) and job.func() == "gpus.jobs.run" and job.args() == (export.run_id,)
 
-    assert run_export(created["id"]) == f"export {created['id']}: completed"
-    assert run_export(created["id"]).endswith("not claimed (already taken, stopped or deleted)")
+    assert run_export(created["id"]) == f"run {export.run_id} (export {created['id']}): succeeded"
+    assert run_export(created["id"]).endswith("not claimed (already taken, stopped or ended)")
+    assert not Reservation.objects.filter(run=export.run_id).exists()
     export = TaskExport.objects.get(pk=created["id"])
     merged = Path(export.output_path)
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
@@ -379,31 +422,44 @@ def test_auto_export_queues_an_export_when_a_lora_task_completes(
     assert created["auto_export"] is True
 
 
-def test_no_live_host_means_no_export(failed_at_step_5: FinetuningTask) -> None:
+def test_with_no_live_host_an_export_waits_for_a_cpu_slot(failed_at_step_5: FinetuningTask) -> None:
+    """An export is a run in the CPU lane: with no live host it is accepted and waits (pending) for a
+    CPU slot, like any run, then books one when a host is back."""
     from gpus.models import Host
 
     Host.objects.update(last_seen_at=None)
-    with pytest.raises(services.ServiceValidationError) as caught:
-        services.task_export_create(task=failed_at_step_5)
-    assert "no worker host is online" in caught.value.errors["host"]
+    export = services.task_export_create(task=failed_at_step_5)
+    assert dispatch_pending() == [] and not Reservation.objects.exists()
+    export.refresh_from_db()
+    assert export.status == ExportStatus.PENDING and export.run.status == RunStatus.PENDING and export.host == ""
+    Host.objects.update(last_seen_at=timezone.now())
+    assert dispatch_pending() == [export.run_id]
+    assert Reservation.objects.get(run=export.run_id).cpu_slot == 0
 
 
 def test_an_export_whose_worker_died_is_failed_by_the_reconciler(failed_at_step_5: FinetuningTask) -> None:
     export = services.task_export_create(task=failed_at_step_5)
+    assert dispatch_pending() == [export.run_id]
     Path(export.output_path).mkdir()
-    TaskExport.objects.filter(pk=export.pk).update(status=ExportStatus.RUNNING, runner_pid=2**22 + 12345,
-                                                   host=export.host)
-    assert reconcile_exports(host=export.host) == [export.pk]
+    # Its supervisor claimed it, then the worker died (its pid is gone).
+    TaskExport.objects.filter(pk=export.pk).update(status=ExportStatus.RUNNING)
+    assert Run.objects.filter(pk=export.run_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, runner_pid=2**22 + 12345, started_at=timezone.now())
+    export.refresh_from_db()
+    assert supervisor.reconcile(host=export.host) == [export.run_id]
     export.refresh_from_db()
     assert export.status == ExportStatus.FAILED and "worker running this export stopped" in export.error_message
     assert not Path(export.output_path).exists()
+    assert not Reservation.objects.filter(run=export.run_id).exists()  # its CPU slot is free again
 
 
 def test_deleting_a_task_stops_its_waiting_export(failed_at_step_5: FinetuningTask) -> None:
     export = services.task_export_create(task=failed_at_step_5)
+    assert dispatch_pending() == [export.run_id]  # its job is in the worker's queue already
     services.finetuning_task_delete(task=failed_at_step_5)
     assert not TaskExport.objects.filter(pk=export.pk).exists()
-    assert run_export(export.pk).endswith("not claimed (already taken, stopped or deleted)")
+    assert not Run.objects.filter(pk=export.run_id).exists() and not Reservation.objects.exists()
+    assert supervisor.run_job(export.run_id).endswith("not claimed (already taken, stopped or ended)")
 
 
 # --- the task page ----------------------------------------------------------------------------------
@@ -444,7 +500,7 @@ async def test_the_zip_download_streams_piece_by_piece_under_asgi(tmp_path: Path
     one to the end, into memory, before sending a byte."""
     from django.test import AsyncRequestFactory
 
-    from tasks.exports import zip_stream_response
+    from core.streaming import zip_stream_response
 
     folder = tmp_path / "checkpoint-6-merged"
     (folder / "sub").mkdir(parents=True)

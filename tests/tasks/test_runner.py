@@ -16,13 +16,15 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from gpus import supervisor
+from gpus.models import Run, RunStatus
+from gpus.process import group_members
+from gpus.scheduler import dispatch as dispatch_pending
 from tasks import services
 from tasks.command import build_env
 from tasks.models import Dataset, FinetuningTask, TaskLogLine, TaskMetric, TaskStatus
-from tasks.process import group_members
-from tasks.runner import claim, reconcile_host, run_task
-from tasks.scheduler import dispatch_pending
 from tests.conftest import FAKE_SWIFT, announce_host, wait_for
+from tests.runs import end_run, run_task, stage_task
 from tests.tasks.conftest import ARGS
 
 # Tasks start only where a live host offers a slot (here: one CPU slot).
@@ -37,7 +39,7 @@ def test_a_run_completes_with_metrics_contiguous_logs_and_a_checkpoint(
 ) -> None:
     task = make_task()
     assert task.status == TaskStatus.QUEUED
-    assert "completed" in run_task(task.pk)
+    assert "succeeded" in run_task(task.pk)  # the job's result names the run's status
     task.refresh_from_db()
     assert task.status == TaskStatus.COMPLETED and task.exit_code == 0
     assert task.progress == 100.0 and task.current_step == 6 and task.max_steps == 6
@@ -83,7 +85,7 @@ def test_the_process_gets_a_clean_argv_and_environment(
     assert env["HF_HUB_OFFLINE"] == "1" and env["USE_HF"] == "1"
     assert env["MPLCONFIGDIR"].startswith(str(Path(task.log_file_path).parent))
     assert launch["cwd"] == str(Path(task.log_file_path).parent)
-    built = build_env(task, workdir=Path(task.log_file_path).parent).env
+    built = build_env(task, run=task.run, workdir=Path(task.log_file_path).parent).env
     assert "SOME_WEB_SECRET" not in built and "DATABASE_URL" not in built and "PATH" in built
 
 
@@ -135,7 +137,7 @@ def test_concurrent_claims_of_one_task_let_exactly_one_win(
     def contend() -> None:
         barrier.wait()
         try:
-            results.append(claim(task.pk))
+            results.append(supervisor.claim(task.run_id) is not None)
         finally:
             from django.db import connection
 
@@ -181,7 +183,9 @@ def test_stopping_a_running_task_kills_its_whole_process_group(
     fake_swift(spawn_child=1, step_seconds=0.2)
     task = make_task(training_args={**ARGS, "max_steps": 500})
     thread = _run_in_thread(task.pk)
-    row = wait_for(lambda: FinetuningTask.objects.filter(pk=task.pk, pid__isnull=False, current_step__gte=2).first())
+    row = wait_for(
+        lambda: FinetuningTask.objects.filter(pk=task.pk, run__pid__isnull=False, current_step__gte=2).first()
+    )
     assert len(group_members(row.pid)) >= 2  # the wrapper and its trainer child
     services.finetuning_task_stop(task=row)
     thread.join(timeout=30)
@@ -222,6 +226,7 @@ def test_deleting_a_running_task_stops_it_then_removes_logs_but_keeps_the_output
     task = make_task(training_args={**ARGS, "max_steps": 500, "save_steps": 2})
     thread = _run_in_thread(task.pk)
     row = wait_for(lambda: FinetuningTask.objects.filter(pk=task.pk, current_step__gte=3).first())
+    pid = row.pid  # the run goes with the task
     services.finetuning_task_delete(task=row)
     assert not services.FinetuningTask.objects.visible().filter(pk=task.pk).exists()  # gone from lists at once
     thread.join(timeout=30)
@@ -229,7 +234,8 @@ def test_deleting_a_running_task_stops_it_then_removes_logs_but_keeps_the_output
     assert not TaskLogLine.objects.filter(task_id=task.pk).exists()
     assert not Path(row.log_file_path).exists()
     assert any(Path(row.output_path).glob("checkpoint-*"))
-    assert group_members(row.pid) == []
+    assert not Run.objects.filter(pk=row.run_id).exists()
+    assert group_members(pid) == []
 
 
 def test_a_task_whose_worker_died_is_failed_and_its_process_stopped(db: None) -> None:
@@ -239,14 +245,14 @@ def test_a_task_whose_worker_died_is_failed_and_its_process_stopped(db: None) ->
     dead = subprocess.Popen(["true"])
     dead.wait()
     try:
-        task = FinetuningTask.objects.create(
-            owner=alice, name="lost", base_model="x/y", model_path="x/y", status=TaskStatus.RUNNING,
-            host=settings.FINETUNE_HOST, pid=orphan.pid, process_started=psutil.Process(orphan.pid).create_time(),
-            runner_pid=dead.pid, heartbeat_at=timezone.now(),
+        task = stage_task(
+            alice, name="lost", host=settings.FINETUNE_HOST, pid=orphan.pid,
+            process_started=psutil.Process(orphan.pid).create_time(), runner_pid=dead.pid,
+            heartbeat_at=timezone.now(),
         )
-        assert reconcile_host() == [task.pk]
+        assert supervisor.reconcile() == [task.run_id]
         task.refresh_from_db()
-        assert task.status == TaskStatus.FAILED and "worker supervising this task stopped" in task.error_message
+        assert task.status == TaskStatus.FAILED and "worker supervising this stopped" in task.error_message
         assert orphan.wait(timeout=10) is not None
     finally:
         if orphan.poll() is None:
@@ -257,11 +263,9 @@ def test_a_recycled_pid_is_never_killed_by_the_reconciler(db: None) -> None:
     alice = User.objects.create_user("dave")
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        FinetuningTask.objects.create(
-            owner=alice, name="lost", base_model="x/y", model_path="x/y", status=TaskStatus.RUNNING,
-            host=settings.FINETUNE_HOST, pid=bystander.pid, process_started=12345.0, runner_pid=None,
-        )
-        reconcile_host()
+        stage_task(alice, name="lost", host=settings.FINETUNE_HOST, pid=bystander.pid, process_started=12345.0,
+                   runner_pid=None)
+        supervisor.reconcile()
         time.sleep(0.2)
         assert bystander.poll() is None
     finally:
@@ -271,13 +275,15 @@ def test_a_recycled_pid_is_never_killed_by_the_reconciler(db: None) -> None:
 def test_a_task_on_a_silent_other_host_is_failed_as_lost(db: None) -> None:
     alice = User.objects.create_user("erin")
     stale = timezone.now() - timezone.timedelta(hours=1)
-    task = FinetuningTask.objects.create(owner=alice, name="far", base_model="x/y", model_path="x/y",
-                                         status=TaskStatus.RUNNING, host="gpu-host-9", heartbeat_at=stale)
-    fresh = FinetuningTask.objects.create(owner=alice, name="ok", base_model="x/y", model_path="x/y",
-                                          status=TaskStatus.RUNNING, host="gpu-host-8", heartbeat_at=timezone.now())
-    assert reconcile_host() == [task.pk]
+    task = stage_task(alice, name="far", host="gpu-host-9", heartbeat_at=stale)
+    fresh = stage_task(alice, name="ok", host="gpu-host-8", heartbeat_at=timezone.now())
+    assert supervisor.reconcile() == [task.run_id]
+    task.refresh_from_db()
+    # A silent host's run is lost (it keeps its reservations); the task fails, saying why.
+    assert task.status == TaskStatus.FAILED and task.run.status == RunStatus.LOST
+    assert "Host gpu-host-9 stopped reporting" in task.error_message
     fresh.refresh_from_db()
-    assert fresh.status == TaskStatus.RUNNING
+    assert fresh.status == TaskStatus.RUNNING and fresh.run.status == RunStatus.RUNNING
 
 
 def test_pending_tasks_start_by_priority_then_age(make_task: Callable[..., FinetuningTask]) -> None:
@@ -287,9 +293,10 @@ def test_pending_tasks_start_by_priority_then_age(make_task: Callable[..., Finet
     order = []
     for _ in range(4):
         (running,) = FinetuningTask.objects.filter(status=TaskStatus.QUEUED)
-        assert claim(running.pk)
+        assert supervisor.claim(running.run_id)
         services.finetuning_task_finish(task=running, status=TaskStatus.COMPLETED, exit_code=0)
-        order += dispatch_pending()
+        end_run(running)  # what the supervisor does in the same transaction
+        order += [Run.objects.get(pk=run_id).subject_id for run_id in dispatch_pending()]
     assert order == [high.pk, high_later.pk, mid.pk, low.pk]
 
 

@@ -17,13 +17,17 @@ from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from gpus.models import Gpu, Reservation
+from deployments.services import deployment_create, deployment_stop
+from gpus import supervisor
+from gpus.models import Gpu, Lane, Reservation, Run, RunKind, RunStatus
+from gpus.scheduler import dispatch, worker_queue
 from gpus.services import gpu_set_enabled, reservations_release_orphans
+from gpus.supervisor import Supervisor, requeue_stranded
+from gpus.workloads import Outcome
 from tasks import services
-from tasks.models import FinetuningTask, TaskStatus
-from tasks.runner import reconcile_host
-from tasks.scheduler import dispatch, dispatch_pending, requeue_stranded
+from tasks.models import ExportStatus, FinetuningTask, TaskStatus
 from tests.conftest import announce_host
+from tests.deployments.test_services_and_api import make_task as finished_lora_task
 
 ARGS = {"max_steps": 2, "model_type": "qwen2", "template": "qwen2_5"}
 
@@ -36,19 +40,35 @@ def create(owner: User, model: Path, *, gpu: dict[str, Any] | None = None, prior
     )
 
 
+_RUN_STATUS = {TaskStatus.COMPLETED: RunStatus.SUCCEEDED, TaskStatus.FAILED: RunStatus.FAILED,
+               TaskStatus.STOPPED: RunStatus.STOPPED}
+
+
+def claim(task: FinetuningTask) -> bool:
+    """What a worker's claim does, on whichever host the task's run was placed (``supervisor.claim``
+    claims only on this process's host): the run is running under a supervisor, and so is the task."""
+    if not Run.objects.filter(pk=task.run_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, runner_instance=f"test-{task.run_id}", started_at=timezone.now()
+    ):
+        return False
+    FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(status=TaskStatus.RUNNING)
+    return True
+
+
 def run(task: FinetuningTask) -> None:
-    """What the worker's claim does, on whichever host the task was placed."""
-    assert FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-        status=TaskStatus.RUNNING, started_at=timezone.now()
-    )
+    assert claim(task)
 
 
 def end(task: FinetuningTask, status: str = TaskStatus.COMPLETED) -> None:
-    services.finetuning_task_finish(task=task, status=status, exit_code=0 if status == "completed" else 1)
+    """What the supervisor does when the process exits: one transaction ends the run (releasing its
+    own reservations) and gives the task its final status."""
+    Supervisor(Run.objects.get(pk=task.run_id)).end(
+        Outcome(_RUN_STATUS[status], exit_code=0 if status == TaskStatus.COMPLETED else 1)
+    )
 
 
 def held_gpus(task: FinetuningTask) -> list[int]:
-    return sorted(Reservation.objects.filter(task=task, gpu__isnull=False).values_list("gpu__index", flat=True))
+    return sorted(Reservation.objects.filter(run=task.run_id, gpu__isnull=False).values_list("gpu__index", flat=True))
 
 
 def status_of(task: FinetuningTask) -> str:
@@ -58,6 +78,9 @@ def status_of(task: FinetuningTask) -> str:
 
 @pytest.fixture
 def owner(alice: User) -> User:
+    # A few earlier runs, so that run ids differ from task ids: dispatch() returns run ids.
+    Run.objects.bulk_create([Run(kind="train", subject_id=0, owner=alice, status=RunStatus.SUCCEEDED)
+                             for _ in range(3)])
     return alice
 
 
@@ -65,20 +88,20 @@ def owner(alice: User) -> User:
 def test_tasks_start_by_priority_then_arrival_one_gpu_at_a_time(owner: User, local_model: Path) -> None:
     announce_host(spec="1x80")
     first = create(owner, local_model, priority=5, name="first")
-    assert dispatch_pending() == [first.pk]
+    assert dispatch() == [first.run_id]
     b, c, d, e = (create(owner, local_model, priority=p, name=f"p{p}") for p in (1, 9, 5, 9))
-    assert dispatch_pending() == []  # the only GPU is taken
+    assert dispatch() == []  # the only GPU is taken
     order = []
     running = first
     for _ in range(4):
         run(running)
         end(running)
-        started = dispatch_pending()
+        started = dispatch()
         assert len(started) == 1
         order += started
-        running = FinetuningTask.objects.get(pk=started[0])
-    assert order == [c.pk, e.pk, d.pk, b.pk]
-    assert [FinetuningTask.objects.get(pk=pk).priority for pk in order] == [9, 9, 5, 1]
+        running = FinetuningTask.objects.get(run_id=started[0])
+    assert order == [c.run_id, e.run_id, d.run_id, b.run_id]
+    assert [FinetuningTask.objects.get(run_id=pk).priority for pk in order] == [9, 9, 5, 1]
 
 
 def test_a_small_task_backfills_past_a_blocked_big_one_which_still_starts(
@@ -86,16 +109,16 @@ def test_a_small_task_backfills_past_a_blocked_big_one_which_still_starts(
 ) -> None:
     announce_host(spec="2x80")
     a = create(owner, local_model, gpu={"count": 1}, name="a")
-    assert dispatch_pending() == [a.pk]
+    assert dispatch() == [a.run_id]
     big = create(owner, local_model, gpu={"count": 2}, priority=9, name="big")
     small = create(owner, local_model, gpu={"count": 1}, priority=1, name="small")
-    assert dispatch_pending() == [small.pk]  # big cannot fit; small backfills onto the free GPU
+    assert dispatch() == [small.run_id]  # big cannot fit; small backfills onto the free GPU
     assert status_of(big) == TaskStatus.PENDING and held_gpus(small) in ([0], [1])
     run(a)
     run(small)
     end(a)
     end(small)
-    assert dispatch_pending() == [big.pk]
+    assert dispatch() == [big.run_id]
     assert held_gpus(big) == [0, 1]
 
 
@@ -105,31 +128,82 @@ def test_a_blocked_task_that_waited_too_long_gets_its_gpus_fenced(
     settings.FINETUNE_BACKFILL_MAX_WAIT_SECONDS = 60
     announce_host(spec="2x80", cpu=1)
     a = create(owner, local_model, gpu={"count": 1}, name="a")
-    assert dispatch_pending() == [a.pk]
+    assert dispatch() == [a.run_id]
     run(a)
     big = create(owner, local_model, gpu={"count": 2}, priority=9, name="big")
     FinetuningTask.objects.filter(pk=big.pk).update(created_at=timezone.now() - timedelta(seconds=61))
+    Run.objects.filter(pk=big.run_id).update(created_at=timezone.now() - timedelta(seconds=61))
     small = create(owner, local_model, gpu={"count": 1}, priority=1, name="small")
     on_cpu = create(owner, local_model, gpu={"cpu": True}, priority=1, name="cpu")
     # The free GPU is kept for big; what big can never use (the CPU slot) is still handed out.
-    assert dispatch_pending() == [on_cpu.pk]
+    assert dispatch() == [on_cpu.run_id]
     assert status_of(small) == TaskStatus.PENDING
     end(a)
-    assert dispatch_pending() == [big.pk]
+    assert dispatch() == [big.run_id]
     assert held_gpus(big) == [0, 1] and status_of(small) == TaskStatus.PENDING
     run(big)
     end(big)
-    assert dispatch_pending() == [small.pk]
+    assert dispatch() == [small.run_id]
+
+
+# --- lanes: deployments first, then training, then exports on a CPU slot ---------------------------
+def test_a_waiting_deployment_is_placed_before_a_waiting_task_of_higher_priority(
+    owner: User, local_model: Path
+) -> None:
+    announce_host(spec="1x80")
+    urgent = create(owner, local_model, priority=10, name="urgent")  # first come, and the highest priority
+    deployment = deployment_create(owner=owner, name="chat", model="fake-model", gpu_config={"count": 1})
+    assert Run.objects.get(pk=deployment.run_id).lane == Lane.DEPLOY
+    assert Run.objects.get(pk=urgent.run_id).lane == Lane.TRAIN
+    assert dispatch() == [deployment.run_id]  # the deployment lane is served first
+    deployment.refresh_from_db()
+    assert deployment.host == settings.FINETUNE_HOST and deployment.run.status == RunStatus.QUEUED
+    assert list(Reservation.objects.filter(gpu__isnull=False).values_list("run_id", flat=True)) == [
+        deployment.run_id]
+    assert status_of(urgent) == TaskStatus.PENDING and held_gpus(urgent) == []
+    deployment_stop(deployment=deployment)  # not started yet: stops at once, its GPU is free
+    assert dispatch() == [urgent.run_id] and held_gpus(urgent) == [0]
+
+
+def test_an_export_books_a_cpu_slot_and_waits_while_none_is_free(owner: User, local_model: Path) -> None:
+    host = announce_host(spec="1x80", cpu=1)
+    trained = finished_lora_task(owner, checkpoints=(6,))
+    (Path(trained.last_checkpoint) / "trainer_state.json").write_text("{}")
+    on_cpu = create(owner, local_model, gpu={"cpu": True}, name="on the cpu")
+    assert dispatch() == [on_cpu.run_id]  # the host's only CPU slot is taken
+    export = services.task_export_create(task=trained)
+    run_row = Run.objects.get(pk=export.run_id)
+    assert (run_row.kind, run_row.subject_id, run_row.lane) == (RunKind.EXPORT, export.pk, Lane.CPU)
+    on_gpu = create(owner, local_model, gpu={"count": 1}, name="on the gpu")
+    # The export never takes a GPU: it waits for a CPU slot while the GPU goes to the training run.
+    assert dispatch() == [on_gpu.run_id]
+    export.refresh_from_db()
+    assert export.status == ExportStatus.PENDING and export.run.status == RunStatus.PENDING
+    assert not Reservation.objects.filter(run=export.run_id).exists()
+
+    later = create(owner, local_model, gpu={"cpu": True}, priority=0, name="later on the cpu")
+    run(on_cpu)
+    end(on_cpu)
+    # The freed slot goes to training first (its lane comes before exports), though it came later.
+    assert dispatch() == [later.run_id]
+    run(later)
+    end(later)
+    assert dispatch() == [export.run_id]
+    reservation = Reservation.objects.select_related("run").get(run=export.run_id)
+    assert reservation.host_id == host.pk and reservation.cpu_slot == 0 and reservation.gpu_id is None
+    assert reservation.run.kind == RunKind.EXPORT and reservation.run.subject_id == export.pk
+    export.refresh_from_db()
+    assert export.run.status == RunStatus.QUEUED and export.host == host.name
 
 
 def test_with_no_backfill_allowed_the_order_is_strict(owner: User, local_model: Path, settings: Any) -> None:
     settings.FINETUNE_BACKFILL_MAX_WAIT_SECONDS = 0
     announce_host(spec="2x80")
     a = create(owner, local_model, gpu={"count": 1})
-    dispatch_pending()
+    dispatch()
     create(owner, local_model, gpu={"count": 2}, priority=9)
     create(owner, local_model, gpu={"count": 1}, priority=1)
-    assert dispatch_pending() == []
+    assert dispatch() == []
     assert Reservation.objects.count() == 1 and held_gpus(a)
 
 
@@ -138,39 +212,37 @@ def test_held_tasks_keep_their_place_but_do_not_start(owner: User, local_model: 
     first = create(owner, local_model, priority=9)
     second = create(owner, local_model, priority=1)
     services.finetuning_task_hold(task=first)
-    assert dispatch_pending() == [second.pk]
+    assert dispatch() == [second.run_id]
     run(second)
     end(second)
     services.finetuning_task_release(task=first)
-    assert dispatch_pending() == [first.pk]
+    assert dispatch() == [first.run_id]
 
 
 def test_holding_a_queued_task_gives_back_its_gpu_and_its_stale_job_claims_nothing(
     owner: User, local_model: Path
 ) -> None:
-    from tasks.runner import claim
-
     announce_host(spec="1x80")
     first = create(owner, local_model)
-    assert dispatch_pending() == [first.pk]
+    assert dispatch() == [first.run_id]
     services.finetuning_task_hold(task=first)
     first.refresh_from_db()
     assert first.status == TaskStatus.PENDING and first.held and not Reservation.objects.exists()
-    assert not claim(first.pk)  # the job already in the worker's queue finds nothing to do
+    assert supervisor.claim(first.run_id) is None  # the job already in the worker's queue finds nothing to do
     other = create(owner, local_model)
-    assert dispatch_pending() == [other.pk]
+    assert dispatch() == [other.run_id]
 
 
 def test_raising_a_priority_moves_the_task_ahead(owner: User, local_model: Path) -> None:
     announce_host(spec="1x80")
     running = create(owner, local_model)
-    dispatch_pending()
+    dispatch()
     early = create(owner, local_model, priority=5)
     late = create(owner, local_model, priority=5)
     services.finetuning_task_set_priority(task=late, priority=8)
     run(running)
     end(running)
-    assert dispatch_pending() == [late.pk]
+    assert dispatch() == [late.run_id]
     assert status_of(early) == TaskStatus.PENDING
 
 
@@ -178,12 +250,12 @@ def test_raising_a_priority_moves_the_task_ahead(owner: User, local_model: Path)
 def test_specific_devices_get_exactly_those_gpus_and_wait_for_them(owner: User, local_model: Path) -> None:
     announce_host(spec="3x80")
     one = create(owner, local_model, gpu={"devices": "1"})
-    assert dispatch_pending() == [one.pk] and held_gpus(one) == [1]
+    assert dispatch() == [one.run_id] and held_gpus(one) == [1]
     also_one = create(owner, local_model, gpu={"devices": "1,2"})
     any_two = create(owner, local_model, gpu={"count": 2})
     anything = create(owner, local_model, gpu={"count": 1})
     # GPU 1 is busy: the device request waits; "any 2" cannot fit on the two others... it can: 0 and 2.
-    assert dispatch_pending() == [any_two.pk]
+    assert dispatch() == [any_two.run_id]
     assert held_gpus(any_two) == [0, 2]
     assert status_of(also_one) == TaskStatus.PENDING and status_of(anything) == TaskStatus.PENDING
 
@@ -196,12 +268,12 @@ def test_any_n_takes_n_gpus_on_one_host_and_cpu_tasks_take_a_slot(owner: User, l
     two = create(owner, local_model, gpu={"count": 2})
     cpu = create(owner, local_model, gpu={"cpu": True})
     default = create(owner, local_model, gpu={})
-    assert dispatch_pending() == [four.pk, two.pk, cpu.pk]
+    assert dispatch() == [four.run_id, two.run_id, cpu.run_id]
     for task, host, gpus in ((four, "host-b", [0, 1, 2, 3]), (two, "host-a", [0, 1])):
         task.refresh_from_db()
         assert task.host == host and held_gpus(task) == gpus
     cpu.refresh_from_db()
-    assert cpu.host == "laptop" and Reservation.objects.get(task=cpu).cpu_slot == 0
+    assert cpu.host == "laptop" and Reservation.objects.get(run=cpu.run_id).cpu_slot == 0
     # {} means one GPU where the host has GPUs: all are taken, so it waits (it is not put on a CPU).
     assert status_of(default) == TaskStatus.PENDING
 
@@ -210,7 +282,7 @@ def test_memory_needs_choose_the_host_with_cards_big_enough(owner: User, local_m
     announce_host("small-cards", "4x24")
     announce_host("big-card", "1x80")
     task = create(owner, local_model, gpu={"count": 1, "min_memory_gb": 40})
-    assert dispatch_pending() == [task.pk]
+    assert dispatch() == [task.run_id]
     task.refresh_from_db()
     assert task.host == "big-card"
 
@@ -220,9 +292,9 @@ def test_a_draining_gpu_takes_no_new_task_until_enabled_again(owner: User, local
     gpu = Gpu.objects.get(host=host, index=0)
     gpu_set_enabled(gpu=gpu, enabled=False)
     task = create(owner, local_model)
-    assert dispatch_pending() == []
+    assert dispatch() == []
     gpu_set_enabled(gpu=gpu, enabled=True)
-    assert dispatch_pending() == [task.pk]
+    assert dispatch() == [task.run_id]
 
 
 def test_a_silent_host_gets_no_work_and_its_unclaimed_tasks_go_back_to_the_queue(
@@ -230,30 +302,47 @@ def test_a_silent_host_gets_no_work_and_its_unclaimed_tasks_go_back_to_the_queue
 ) -> None:
     announce_host("far", "1x80")
     task = create(owner, local_model)
-    assert dispatch_pending() == [task.pk]
+    assert dispatch() == [task.run_id]
     from gpus.models import Host
 
     Host.objects.filter(name="far").update(last_seen_at=timezone.now() - timedelta(hours=1))
-    assert requeue_stranded() == [task.pk]
+    assert requeue_stranded() == [task.run_id]
     task.refresh_from_db()
     assert task.status == TaskStatus.PENDING and task.host == "" and not Reservation.objects.exists()
-    assert dispatch_pending() == []  # no live host
+    assert dispatch() == []  # no live host
     announce_host("near", "1x80")
-    assert dispatch_pending() == [task.pk]
+    assert dispatch() == [task.run_id]
     task.refresh_from_db()
     assert task.host == "near"
+
+
+def test_a_queued_run_whose_job_the_broker_lost_is_handed_to_the_worker_again_at_its_start(
+    owner: User, local_model: Path
+) -> None:
+    from django_q.models import OrmQ
+
+    announce_host(spec="1x80")
+    task = create(owner, local_model)
+    assert dispatch() == [task.run_id]
+    OrmQ.objects.all().delete()  # the job is gone (a queue emptied by hand, a restored database)
+    assert supervisor.reenqueue_queued() == [task.run_id]
+    jobs = [job for job in OrmQ.objects.all() if job.func() == "gpus.jobs.run"]
+    assert [(job.key, tuple(job.args())) for job in jobs] == [(worker_queue(settings.FINETUNE_HOST),
+                                                                      (task.run_id,))]
+    task.refresh_from_db()
+    assert task.status == TaskStatus.QUEUED  # nothing else changed: the worker claims it as usual
 
 
 def test_each_active_task_on_a_host_gets_its_own_master_port(owner: User, local_model: Path) -> None:
     announce_host(spec="4x80")
     tasks = [create(owner, local_model, gpu={"count": 2}) for _ in range(2)]
-    dispatch_pending()
+    dispatch()
     ports = [FinetuningTask.objects.get(pk=t.pk).master_port for t in tasks]
     assert ports == [settings.FINETUNE_MASTER_PORT_BASE, settings.FINETUNE_MASTER_PORT_BASE + 1]
     run(tasks[0])
     end(tasks[0])
     again = create(owner, local_model, gpu={"count": 2})
-    dispatch_pending()
+    dispatch()
     again.refresh_from_db()
     assert again.master_port == settings.FINETUNE_MASTER_PORT_BASE  # freed, reused
 
@@ -264,7 +353,7 @@ def test_each_active_task_on_a_host_gets_its_own_master_port(owner: User, local_
 def test_reservations_are_released_on_every_ending(owner: User, local_model: Path, ending: str) -> None:
     announce_host(spec="2x80")
     task = create(owner, local_model, gpu={"count": 2})
-    assert dispatch_pending() == [task.pk] and Reservation.objects.filter(task=task).count() == 2
+    assert dispatch() == [task.run_id] and Reservation.objects.filter(run=task.run_id).count() == 2
     if ending in ("completed", "failed"):
         run(task)
         end(task, ending)
@@ -283,22 +372,22 @@ def test_reservations_are_released_on_every_ending(owner: User, local_model: Pat
         end(task, TaskStatus.STOPPED)
     else:
         # The worker supervising it died: its runner pid is gone and the heartbeat is old.
-        FinetuningTask.objects.filter(pk=task.pk).update(
-            status=TaskStatus.RUNNING, host=settings.FINETUNE_HOST, runner_pid=2**22 + 17,
-            heartbeat_at=timezone.now() - timedelta(hours=1),
+        run(task)
+        Run.objects.filter(pk=task.run_id).update(
+            host=settings.FINETUNE_HOST, runner_pid=2**22 + 17, heartbeat_at=timezone.now() - timedelta(hours=1),
         )
-        assert reconcile_host() == [task.pk]
+        assert supervisor.reconcile() == [task.run_id]
     assert not Reservation.objects.exists()
     nxt = create(owner, local_model, gpu={"count": 2})
-    assert dispatch_pending() == [nxt.pk]
+    assert dispatch() == [nxt.run_id]
 
 
 def test_the_sweep_frees_reservations_whose_holder_ended(owner: User, local_model: Path) -> None:
     announce_host(spec="1x80")
     task = create(owner, local_model)
-    dispatch_pending()
+    dispatch()
     # A code path that forgot to release (simulated by a raw update) cannot block the GPU forever.
-    FinetuningTask.objects.filter(pk=task.pk).update(status=TaskStatus.FAILED)
+    Run.objects.filter(pk=task.run_id).update(status=RunStatus.FAILED)
     assert reservations_release_orphans() == 1
     assert not Reservation.objects.exists()
 
@@ -344,11 +433,10 @@ def test_concurrent_submissions_and_finishes_never_double_book(
                     time.sleep(0.005)
                     continue
                 task = queued[0]
-                if not FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-                    status=TaskStatus.RUNNING
-                ):
+                if not claim(task):
                     continue  # another finisher claimed it
-                gpus = set(Reservation.objects.filter(task=task, gpu__isnull=False).values_list("gpu_id", flat=True))
+                gpus = set(Reservation.objects.filter(run=task.run_id, gpu__isnull=False)
+                           .values_list("gpu_id", flat=True))
                 began = time.monotonic()
                 if Reservation.objects.filter(gpu__isnull=False).count() > len(inventory):
                     overbooked.append(task.pk)
@@ -386,8 +474,9 @@ def test_the_queue_lists_waiting_tasks_in_order_with_an_estimated_start(
 ) -> None:
     announce_host(spec="1x80")
     running = create(alice, local_model, name="running")
-    dispatch_pending()
-    FinetuningTask.objects.filter(pk=running.pk).update(status=TaskStatus.RUNNING, eta_seconds=600)
+    dispatch()
+    run(running)
+    FinetuningTask.objects.filter(pk=running.pk).update(eta_seconds=600)
     mine = create(alice, local_model, priority=3, name="mine")
     theirs = create(bob, local_model, priority=7, name="bobs secret")
     announce_host("laptop", cpu=1)
@@ -436,7 +525,7 @@ def test_owner_and_staff_change_priority_hold_release_and_cancel_but_bob_cannot(
 def test_the_task_detail_names_its_reserved_gpus(alice: User, alice_api: APIClient, local_model: Path) -> None:
     host = announce_host(spec="2x80")
     task = create(alice, local_model, gpu={"devices": "1"})
-    dispatch_pending()
+    dispatch()
     data = alice_api.get(f"/api/finetuning/tasks/{task.pk}/").json()
     uuid = host.gpus.get(index=1).uuid
     assert data["status"] == "queued" and data["host"] == host.name

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tasks.swift_failures import explain_failure, last_error_line
-from tasks.swift_output import (
+from core.swift_cli.failures import explain_failure, last_error_line
+from core.swift_cli.output import (
     MAX_LINE_CHARS,
     JsonlTail,
     LoggingRecord,

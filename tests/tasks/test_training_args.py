@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasks.training_args import (
+from core.swift_cli.training_args import (
     RESERVED_ARGS,
     TRAINING_ARGS,
     TrainingArgsError,
@@ -395,3 +395,12 @@ def test_no_reserved_key_is_also_allowed() -> None:
     assert not set(RESERVED_ARGS) & set(TRAINING_ARGS)
     aliases = {alias for entry in training_args_catalogue() for alias in entry["aliases"]}
     assert not aliases & set(RESERVED_ARGS)
+
+
+def test_a_system_prompt_that_swift_would_open_as_a_file_is_refused_with_why() -> None:
+    with pytest.raises(TrainingArgsError) as refused:
+        validate_training_args({"system": "/srv/platform/secret_key.txt"})
+    assert "system" in refused.value.errors and ".txt" in str(refused.value.errors["system"])
+    # A prompt that merely mentions a file is text, and stays as it is.
+    assert validate_training_args({"system": "Answer from notes.txt and be brief."}) == {
+        "system": "Answer from notes.txt and be brief."}

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from gpus.models import Reservation
+from gpus.process import process_matches
+from gpus.scheduler import dispatch as dispatch_pending
 from tasks.models import EventKind, FinetuningTask, TaskEvent, TaskStatus
-from tasks.process import process_matches
-from tasks.scheduler import dispatch_pending
 from tests.conftest import announce_host, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
@@ -74,25 +74,26 @@ def test_any_number_of_signals_stop_the_worker_and_its_swift_group_cleanly(
     assert row.status == TaskStatus.FAILED
     assert "was shut down (Ctrl-C or SIGTERM) while this task ran" in row.error_message
     assert "Resume from the last checkpoint" in row.error_message
-    assert not Reservation.objects.filter(task_id=task.pk).exists()
+    assert not Reservation.objects.filter(run_id=row.run_id).exists()
 
 
 def test_a_task_the_stopping_worker_never_started_goes_back_to_the_queue(
     db: None, make_task: Callable[..., FinetuningTask], cpu_host: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tasks import process, runner
+    from gpus import process
+    from tests.runs import run_task
 
     task = make_task()
     assert task.status == TaskStatus.QUEUED
     monkeypatch.setattr(process, "_shutdown_signalled", True)
-    outcome = runner.run_task(task.pk)
+    outcome = run_task(task.pk)
 
     task.refresh_from_db()
     assert "back in the queue" in outcome
     assert task.status == TaskStatus.PENDING and task.host == "" and task.pid is None
-    assert not Reservation.objects.filter(task_id=task.pk).exists()
+    assert not Reservation.objects.filter(run_id=task.run_id).exists()
     event = TaskEvent.objects.filter(task=task, kind=EventKind.REQUEUED).get()
-    assert "shut down before it started the task" in event.message
+    assert "shut down before it started this; back in the queue" in event.message
     monkeypatch.setattr(process, "_shutdown_signalled", False)
     dispatch_pending()
     task.refresh_from_db()

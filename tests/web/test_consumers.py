@@ -1,7 +1,7 @@
 """The WebSocket consumers, driven through the real ASGI application (origin check + session auth).
 
-They pass with the embedded default (the consumers follow the database) and with ``REDIS_URL``
-set (the publisher broadcasts through Redis); the cross-process test needs Redis.
+They pass with the embedded default (notices go through the outbox, which one follower per process
+reads) and with ``REDIS_URL`` set (notices go through Redis); the cross-process test needs Redis.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from core import live
+from core.swift_cli.output import MetricPoint
 from finetune_platform.asgi import application
+from gpus.models import Run
 from tasks import consumers, selectors
 from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
-from tasks.publisher import ProgressPublisher, publish_event, task_group
-from tasks.swift_output import MetricPoint
+from tasks.publisher import ProgressPublisher, broadcast, publish_event, task_group
 from tests.conftest import REPO
-from tests.web.conftest import ws_headers
+from tests.web.conftest import RUN_FIELDS, ws_headers
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -102,6 +104,14 @@ def publish_lines(task_id: int, texts: list[str], metric: MetricPoint | None = N
     publisher.flush(force=True)
 
 
+def update_task(task_id: int, **fields: Any) -> None:
+    """Columns of the task, and runtime columns (``RUN_FIELDS``) of its current run, where they live."""
+    run_fields = {name: fields.pop(name) for name in RUN_FIELDS & set(fields)}
+    FinetuningTask.objects.filter(pk=task_id).update(**fields)
+    if run_fields:
+        Run.objects.filter(pk=FinetuningTask.objects.get(pk=task_id).run_id).update(**run_fields)
+
+
 def store_lines_silently(task_id: int, count: int) -> None:
     """Lines in the database whose broadcast was lost (the layer dropped it)."""
     task = FinetuningTask.objects.get(pk=task_id)
@@ -158,9 +168,7 @@ async def test_events_and_the_final_status_arrive_live(
 
         def finish() -> None:
             now = timezone.now()
-            FinetuningTask.objects.filter(pk=alice_task.pk).update(
-                status=TaskStatus.COMPLETED, progress=100.0, started_at=now, finished_at=now
-            )
+            update_task(alice_task.pk, status=TaskStatus.COMPLETED, progress=100.0, started_at=now, finished_at=now)
             publish_event(FinetuningTask.objects.get(pk=alice_task.pk), "completed", "Completed")
 
         await database_sync_to_async(finish)()
@@ -200,9 +208,8 @@ async def test_the_cards_revision_comes_with_a_checkpoint_and_the_end_but_not_wi
         got = await collect(comm, lambda g: len(card_revisions(g)) == 2, got=got)
 
         def complete() -> None:
-            FinetuningTask.objects.filter(pk=alice_task.pk).update(
-                status=TaskStatus.COMPLETED, progress=100.0, finished_at=timezone.now(), command=["swift", "sft"]
-            )
+            update_task(alice_task.pk, status=TaskStatus.COMPLETED, progress=100.0, finished_at=timezone.now(),
+                        command=["swift", "sft"])
             publish_event(FinetuningTask.objects.get(pk=alice_task.pk), "completed", "Completed")
 
         await database_sync_to_async(complete)()
@@ -216,10 +223,9 @@ async def test_the_cards_revision_comes_with_a_checkpoint_and_the_end_but_not_wi
         await comm.disconnect()
 
 
-async def test_an_exports_progress_reaches_the_page_by_the_recheck(
-    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+async def test_an_exports_progress_reaches_the_page_when_the_export_announces_it(
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
 ) -> None:
-    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0.3)
     comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
     assert (await comm.connect())[0]
     try:
@@ -229,6 +235,7 @@ async def test_an_exports_progress_reaches_the_page_by_the_recheck(
             export = TaskExport.objects.create(task=alice_task, checkpoint="/out/checkpoint-3", step=3,
                                                output_path="/out/checkpoint-3-merged")
             TaskExport.objects.filter(pk=export.pk).update(status=ExportStatus.RUNNING, log_text="merging")
+            broadcast(alice_task, {"export": export.pk})  # what the export runner announces
 
         await database_sync_to_async(export_runs)()
         got = await collect(comm, lambda g: len(card_revisions(g)) == 2, timeout=5, got=got)
@@ -269,6 +276,28 @@ async def test_a_foreign_origin_is_refused(alice_task: FinetuningTask, alice: Us
     no_origin = [h for h in headers if h[0] != b"origin"]
     connected, _ = await socket(f"/ws/tasks/{alice_task.pk}/", no_origin).connect()
     assert not connected
+
+
+async def test_a_refused_socket_opens_no_channel_layer_receive(
+    alice_task: FinetuningTask, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channels' own denier gave each refused socket a channel-layer receive (a Redis BZPOPMIN whose
+    cancellation at close could hang for a minute); the platform's refusal opens none."""
+    layer = get_channel_layer()
+    opened: list[str] = []
+    real_new_channel = layer.new_channel
+
+    async def new_channel(*args: Any, **kwargs: Any) -> str:
+        name = await real_new_channel(*args, **kwargs)
+        opened.append(name)
+        return name
+
+    monkeypatch.setattr(layer, "new_channel", new_channel)
+    headers = await database_sync_to_async(ws_headers)(alice, (b"origin", b"http://evil.example"))
+    comm = socket(f"/ws/tasks/{alice_task.pk}/", headers)
+    assert not (await comm.connect())[0]
+    await comm.disconnect()
+    assert opened == []
 
 
 async def test_staff_may_follow_any_task(alice_task: FinetuningTask, staff: User) -> None:
@@ -328,12 +357,12 @@ async def test_a_lost_broadcast_is_repaired_from_the_database_without_duplicates
         got = await collect(comm, lambda g: g.state.get("status") == "running")
         # Lines 1-4 are stored, but only the message carrying 3-4 arrives (1-2 were dropped).
         await database_sync_to_async(store_lines_silently)(alice_task.pk, 4)
-        late = {
-            "type": "task.update",
+        group = task_group(alice_task.pk)
+        late = {"type": live.MESSAGE_TYPE, "group": group, "payload": {
             "task": alice_task.pk,
             "status": "running",
             "lines": [{"seq": 3, "text": "quiet 3", "time": None}, {"seq": 4, "text": "quiet 4", "time": None}],
-        }
+        }}
         await get_channel_layer().group_send(task_group(alice_task.pk), late)
         got = await collect(comm, lambda g: len(g.seqs) >= 4, got=got)
         await get_channel_layer().group_send(task_group(alice_task.pk), late)  # a duplicate delivery
@@ -359,29 +388,36 @@ async def test_a_client_backfill_request_resends_from_its_last_line(
         await comm.disconnect()
 
 
-async def test_a_tail_line_whose_broadcast_was_lost_arrives_by_the_recheck(
-    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+async def test_a_tail_line_whose_broadcast_was_lost_arrives_with_the_next_notice(
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
 ) -> None:
-    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0.3)
     comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
     assert (await comm.connect())[0]
     try:
         await collect(comm, lambda g: g.state.get("status") == "running")
         await database_sync_to_async(store_lines_silently)(alice_task.pk, 2)
+        assert not (await quiet(comm, 0.5)).seqs  # no socket polls the database
+        # The next flush (progress only, no lines) says the last sequence number is 2.
+        metric = MetricPoint(kind="train", step=1, max_steps=10, loss=2.0, learning_rate=1e-4, epoch=0.1)
+        await database_sync_to_async(publish_lines)(alice_task.pk, [], metric)
         got = await collect(comm, lambda g: len(g.seqs) >= 2, timeout=5)
-        assert got.seqs == [1, 2]
+        assert got.seqs == [1, 2] and got.texts == ["quiet 1", "quiet 2"]
     finally:
         await comm.disconnect()
 
 
 async def test_deleting_the_task_tells_the_page_and_closes(
-    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
 ) -> None:
-    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0.3)
     comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
     assert (await comm.connect())[0]
     await collect(comm, lambda g: g.state.get("status") == "running")
-    await database_sync_to_async(FinetuningTask.objects.filter(pk=alice_task.pk).delete)()
+
+    def purge() -> None:  # what tasks.services.finetuning_task_purge does, and announces
+        FinetuningTask.objects.filter(pk=alice_task.pk).delete()
+        broadcast(alice_task, {"deleted": True})
+
+    await database_sync_to_async(purge)()
     got = await collect(comm, lambda g: any(m.get("type") == "deleted" for m in g.messages))
     assert got.messages[-1] == {"type": "deleted"}
     assert (await comm.receive_output(timeout=2))["type"] == "websocket.close"
@@ -390,8 +426,7 @@ async def test_deleting_the_task_tells_the_page_and_closes(
 async def test_group_membership_is_renewed(
     alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0.1)
-    monkeypatch.setattr(consumers, "GROUP_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(live, "GROUP_REFRESH_SECONDS", 0.1)
     calls: list[str] = []
     layer = get_channel_layer()
     original = layer.group_add

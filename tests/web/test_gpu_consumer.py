@@ -67,7 +67,7 @@ def inventory(alice: User, make_task: Callable[..., FinetuningTask]) -> dict[str
     """A live host with two GPUs; alice's running task holds GPU 1 and alice has a waiting task."""
     host = announce_host("gpu-a", "2x80", cpu=1)
     running = make_task(alice, name="alice-secret-run", gpu_config={"count": 1})
-    Reservation.objects.create(host=host, gpu=host.gpus.get(index=1), task=running)
+    Reservation.objects.create(host=host, gpu=host.gpus.get(index=1), run=running.run)
     waiting = make_task(alice, name="alice-waiting", status=TaskStatus.PENDING, gpu_config={"count": 2})
     return {"host": host, "running": running, "waiting": waiting, "gpu0": host.gpus.get(index=0),
             "gpu1": host.gpus.get(index=1)}

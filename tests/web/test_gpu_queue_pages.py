@@ -37,7 +37,7 @@ def waiting(make_task: Callable[..., FinetuningTask]) -> Callable[..., Finetunin
 
 def hold(task: FinetuningTask, host: Host, index: int) -> Reservation:
     """``task`` holds GPU ``index`` of ``host`` (as a dispatch would have booked it)."""
-    return Reservation.objects.create(host=host, gpu=host.gpus.get(index=index), task=task)
+    return Reservation.objects.create(host=host, gpu=host.gpus.get(index=index), run=task.run)
 
 
 def gpu_row(html: str, gpu: Gpu) -> str:
@@ -118,7 +118,7 @@ def test_the_holder_is_a_link_for_its_owner_and_staff_and_anonymous_to_others(
     host = announce_host("gpu-a", "2x80", cpu=2)
     task = make_task(alice, name="alice-secret-run")
     hold(task, host, 1)
-    Reservation.objects.create(host=host, cpu_slot=0, task=make_task(alice, name="alice-cpu-job"))
+    Reservation.objects.create(host=host, cpu_slot=0, run=make_task(alice, name="alice-cpu-job").run)
     link = f'href="{reverse("task_detail", args=[task.pk])}"'
     for client in (alice_client, staff_client):
         html = client.get("/gpus/").content.decode()
@@ -136,11 +136,11 @@ def test_the_holder_is_a_link_for_its_owner_and_staff_and_anonymous_to_others(
 def test_a_task_placed_by_the_dispatcher_shows_on_its_gpu(
     alice_client: Client, waiting: Callable[..., FinetuningTask], alice: User
 ) -> None:
-    from tasks.scheduler import dispatch
+    from gpus.scheduler import dispatch
 
     host = announce_host(settings.FINETUNE_HOST, "1x24,1x80")
     task = waiting(alice, "placed", gpu_config={"count": 1, "min_memory_gb": 40})
-    assert dispatch().tasks == [task.pk]
+    assert dispatch() == [task.run_id]
     html = alice_client.get("/gpus/").content.decode()
     assert "badge-gpu-free" in gpu_row(html, host.gpus.get(index=0))
     row = gpu_row(html, host.gpus.get(index=1))  # the only card with 40 GiB
@@ -168,7 +168,7 @@ def test_the_pages_cost_the_same_queries_however_many_gpus_and_tasks(
         more = announce_host(f"gpu-{n}", "4x80", cpu=2)
         for index in range(3):
             hold(make_task(bob if index % 2 else alice, name=f"r{n}{index}"), more, index)
-        Reservation.objects.create(host=more, cpu_slot=0, task=make_task(bob, name=f"c{n}"))
+        Reservation.objects.create(host=more, cpu_slot=0, run=make_task(bob, name=f"c{n}").run)
         waiting(bob, f"wb{n}")
         waiting(alice, f"wa{n}", held=True)
     assert {url: cost(url) for url in ("/gpus/", "/queue/")} == small

@@ -13,9 +13,9 @@ from django.test import Client
 from deployments.forms import DeploymentForm
 from deployments.models import Deployment
 from gpus.models import Reservation
+from gpus.scheduler import dispatch as dispatch_pending
 from tasks.forms import GpuRequestForm, TaskForm
 from tasks.models import Dataset, FinetuningTask, TaskStatus
-from tasks.scheduler import dispatch_pending
 from tests.conftest import announce_host
 from tests.deployments.test_services_and_api import make_task
 
@@ -51,10 +51,10 @@ def test_the_custom_form_posted_with_its_defaults_runs_on_the_cpu_slot_of_a_host
     assert response.status_code == 302, response.content.decode()[:2000]
     task = FinetuningTask.objects.get()
     assert task.gpu_config == {}
-    assert dispatch_pending() == [task.pk]
+    assert dispatch_pending() == [task.run_id]
     task.refresh_from_db()
     assert task.status == TaskStatus.QUEUED and task.host == cpu_host.name
-    reservation = Reservation.objects.get(task=task)
+    reservation = Reservation.objects.get(run=task.run_id)
     assert reservation.cpu_slot is not None and reservation.gpu_id is None
 
 
@@ -67,8 +67,8 @@ def test_the_same_defaults_take_one_gpu_where_the_platform_has_gpus(
                               datasets=[str(dataset.pk)], arg_model_type="qwen2", arg_template="qwen2_5")
     assert alice_client.post("/tasks/new/", body).status_code == 302
     task = FinetuningTask.objects.get()
-    assert dispatch_pending() == [task.pk]
-    assert Reservation.objects.filter(task=task, gpu__isnull=False).count() == 1
+    assert dispatch_pending() == [task.run_id]
+    assert Reservation.objects.filter(run=task.run_id, gpu__isnull=False).count() == 1
 
 
 def test_the_smoke_preset_posted_with_its_defaults_runs_on_a_gpu_host_too(
@@ -82,7 +82,7 @@ def test_the_smoke_preset_posted_with_its_defaults_runs_on_a_gpu_host_too(
             "preset-cpu-smoke-gpu_mode": form["gpu_mode"].value()}
     assert alice_client.post("/tasks/new/", body).status_code == 302
     task = FinetuningTask.objects.get()
-    assert task.gpu_config == {} and dispatch_pending() == [task.pk]
+    assert task.gpu_config == {} and dispatch_pending() == [task.run_id]
 
 
 def test_the_other_modes_are_kept() -> None:

@@ -15,11 +15,12 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from core.swift_cli.training_args import TRAINING_ARGS
+from gpus.models import Run, RunStatus
 from tasks.forms import TRANSLATABLE_TEXTS
 from tasks.models import Dataset, ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
 from tasks.presets import all_presets
 from tasks.templatetags.task_format import format_duration, format_significant, split_error
-from tasks.training_args import TRAINING_ARGS
 
 PAGES = ["home", "task_list", "task_new", "dataset_list", "dataset_upload", "gpus", "queue", "deployments"]
 
@@ -205,8 +206,11 @@ def test_the_cards_follow_a_task_to_its_end_with_checkpoints_command_and_exports
         (folder / "trainer_state.json").write_text("{}")
         (folder / "adapter_config.json").write_text("{}")
     FinetuningTask.objects.filter(pk=task.pk).update(
-        status=TaskStatus.COMPLETED, host="gpu-box-1", command=["swift", "sft", "--model", "m"],
-        last_checkpoint=str(output / "checkpoint-4"), progress=100.0, finished_at=timezone.now(),
+        status=TaskStatus.COMPLETED, last_checkpoint=str(output / "checkpoint-4"), progress=100.0,
+    )
+    Run.objects.filter(pk=task.run_id).update(
+        status=RunStatus.SUCCEEDED, host="gpu-box-1", command=["swift", "sft", "--model", "m"],
+        finished_at=timezone.now(),
     )
     html = alice_client.get(f"/tasks/{task.pk}/cards/").content.decode()
     assert cards_rev(html) != cards_rev(page)

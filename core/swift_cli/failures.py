@@ -366,14 +366,14 @@ _EXPLAINERS: tuple[Callable[[_Failure], str | None], ...] = (
 )
 
 
-def explain_failure(lines: list[str], exit_code: int | None, *, offline: bool) -> str:
+def explain_failure(lines: list[str], exit_code: int | None, *, offline: bool, what: str = "training") -> str:
     """A plain-English reason for a failed run, followed by ``swift said:`` and swift's own last
-    error line (``Last output:`` when a signal killed it)."""
+    error line (``Last output:`` when a signal killed it). ``what``: the process ("training", "export")."""
     error = last_error_line(lines)
     if exit_code is not None and exit_code > 128 and (256 - exit_code) in _SIGNALS:
         sig = 256 - exit_code
         hint = " (often the out-of-memory killer)" if sig == 9 else ""
-        return f"The training process was killed by {_SIGNALS[sig]}{hint}.\nLast output: {error}"
+        return f"The {what} process was killed by {_SIGNALS[sig]}{hint}.\nLast output: {error}"
     if exit_code is not None and exit_code < 0:
         name = _SIGNALS.get(-exit_code, f"signal {-exit_code}")
         return f"swift was killed by {name}.\nLast output: {error}"

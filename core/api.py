@@ -8,7 +8,7 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from finetune_platform.errors import ServiceValidationError
+from core.errors import ServiceValidationError
 
 
 def _as_lists(errors: dict[str, Any]) -> dict[str, Any]:

@@ -27,12 +27,11 @@ from django_q.cluster import Cluster
 from django_q.conf import Conf
 from django_q.models import Schedule
 
-from deployments.runner import reconcile_host as reconcile_deployments
 from gpus.inventory import discover
+from gpus.process import stop_group, worker_shutdown_begin, worker_shutdown_prepare
+from gpus.scheduler import dispatch
 from gpus.services import HostNameInUse, WorkerIdentity, default_cpu_slots, host_claim, host_release
-from tasks.process import stop_group, worker_shutdown_begin, worker_shutdown_prepare
-from tasks.runner import reconcile_host
-from tasks.scheduler import dispatch_pending
+from gpus.supervisor import reconcile, reenqueue_queued
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +127,19 @@ class Command(BaseCommand):
     help = "Run this host's task worker (django-q2 cluster) after recovering from a crash."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        me = _claim_host_name()  # first: before the agent or the reconcile touch anything of this host
+        me = _claim_host_name()  # first: before the reaping or the agent touch anything of this host
         stop = _StopSignals()
+        # Reap before announcing: every process of a run this host's previous worker supervised (a crash,
+        # or a silence that made the run lost) is stopped — pid *and* start time, never a recycled pid —
+        # and its GPUs freed, so they cannot be booked while a leftover swift still holds them.
+        ended = reconcile()
+        if ended:
+            self.stdout.write(f"Reaped {len(ended)} run(s) this host's previous worker left: {ended}")
+        reenqueue_queued()  # a queued run whose job the broker lost starts all the same
         # The GPU agent runs as its own process (not a thread: django-q2 forks its workers).
         agent = subprocess.Popen([sys.executable, "manage.py", "gpu_agent", "--parent", str(os.getpid()),
                                   "--instance", me.instance], cwd=settings.BASE_DIR)
         atexit.register(_stop, agent)
-        lost = reconcile_host() + reconcile_deployments()  # deployments' swift groups too
-        if lost:
-            self.stdout.write(f"Marked {len(lost)} lost task(s)/deployment(s) failed: {lost}")
         # One worker process per GPU and CPU slot (a running task holds one for its whole run),
         # plus room for the sweep and deployments, unless FINETUNE_WORKERS says otherwise.
         if not os.environ.get("FINETUNE_WORKERS"):
@@ -148,11 +151,11 @@ class Command(BaseCommand):
         Schedule.objects.filter(name="finetune-sweep").delete()
         Schedule.objects.update_or_create(
             name=f"finetune-sweep:{settings.FINETUNE_HOST}"[:100],
-            defaults={"func": "tasks.jobs.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1,
+            defaults={"func": "gpus.jobs.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1,
                       "repeats": -1, "cluster": queue},
         )
         self.stdout.write(f"Worker for host {settings.FINETUNE_HOST}: queue {queue}, {Conf.WORKERS} processes")
-        dispatch_pending()
+        dispatch()
         settings.SECRET_KEY  # noqa: B018 - fail here, not in a forked process, if it is missing
         worker_shutdown_prepare()  # before the cluster forks: every worker process shares the flag
         cluster = Cluster()

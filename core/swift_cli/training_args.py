@@ -41,6 +41,9 @@ class ArgSpec:
     unit: str = ""
     group: str = "advanced"
     aliases: tuple[str, ...] = field(default=())
+    #: swift reads a value ending in this suffix as the path of a file to open (``system``: ``.txt``);
+    #: such a value is refused, or a user could have a file of the worker copied into their log.
+    file_suffix: str = ""
 
 
 def _spec(kind: str, **kwargs: Any) -> ArgSpec:
@@ -88,7 +91,7 @@ TRAINING_ARGS: dict[str, ArgSpec] = {
     "gradient_checkpointing": _spec("bool", default=True, help="Trade compute for memory."),
     "torch_dtype": _spec("choice", choices=("bfloat16", "float16", "float32"), default=None,
                          help="Weights' dtype (swift picks one from the model when unset)."),
-    "system": _spec("text", max_length=4000, default=None, help="Default system prompt."),
+    "system": _spec("text", max_length=4000, default=None, file_suffix=".txt", help="Default system prompt."),
     "model_author": _spec("text", max_length=200, default=None, help="Author name for self-cognition data."),
     "model_name": _spec("text", max_length=200, default=None, help="Model name for self-cognition data."),
     "dataloader_num_workers": _spec("int", minimum=0, maximum=64, default=1, help="Data-loading processes."),
@@ -162,6 +165,9 @@ def _check_text(spec: ArgSpec, value: Any) -> str:
         raise ValueError(f"must be at most {spec.max_length} characters")
     if spec.kind == "name" and not _NAME.match(value):
         raise ValueError("may contain only letters, digits, '_', '.', and '-'")
+    if spec.file_suffix and value.endswith(spec.file_suffix):
+        raise ValueError(f"must not end in '{spec.file_suffix}': swift would open it as the path of a file; "
+                         "write the text itself")
     return value
 
 
