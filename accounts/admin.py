@@ -1,9 +1,14 @@
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import AbstractUser
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from accounts.models import ApiToken
+from accounts.models import Account, ApiToken
 from accounts.services import api_token_revoke
+
+User = get_user_model()
 
 
 @admin.register(ApiToken)
@@ -23,3 +28,45 @@ class ApiTokenAdmin(admin.ModelAdmin):
         for token in queryset:
             api_token_revoke(token=token)
         messages.success(request, f"Revoked {queryset.count()} token(s).")
+
+
+@admin.register(Account)
+class AccountAdmin(admin.ModelAdmin):
+    """Every account that staff changed; a user is edited on their user page (the inline below)."""
+
+    list_display = ["user", "hub_trusted"]
+    list_filter = ["hub_trusted"]
+    search_fields = ["user__username", "user__email"]
+    readonly_fields = ["user"]
+    list_select_related = ["user"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # created from the user page, where the user is chosen
+
+
+class AccountInline(admin.StackedInline):
+    """The platform's own fields on Django's user page (docs/security.md, "Code from the hub")."""
+
+    model = Account
+    can_delete = False
+    fields = ["hub_trusted"]
+    verbose_name_plural = "platform account"
+
+
+class PlatformUserAdmin(UserAdmin):
+    """Django's user admin with the platform's account fields inline."""
+
+    inlines = [*UserAdmin.inlines, AccountInline]
+    list_display = [*UserAdmin.list_display, "hub_trusted"]
+    list_filter = [*UserAdmin.list_filter, "account__hub_trusted"]
+    list_select_related = ["account"]
+
+    @admin.display(boolean=True, description="trusted with any hub id")
+    def hub_trusted(self, user: AbstractUser) -> bool:
+        account = getattr(user, "account", None)
+        return bool(user.is_staff or (account is not None and account.hub_trusted))
+
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+admin.site.register(User, PlatformUserAdmin)

@@ -6,4 +6,4 @@ class AccountsConfig(AppConfig):
     verbose_name = "Accounts and API tokens"
 
     def ready(self) -> None:
-        from accounts import schema  # noqa: F401 - registers the OpenAPI extension
+        from accounts import schema, signals  # noqa: F401 - the OpenAPI extension; the log-in receivers

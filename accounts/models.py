@@ -52,3 +52,28 @@ class ApiToken(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class Account(models.Model):
+    """What the platform knows about a user beyond Django's ``User``: what staff let them do.
+
+    A row is created when staff first change something (the admin's user page); a user without one
+    has the defaults. Read it through :func:`accounts.services.account_hub_trusted`, never directly.
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="account")
+    hub_trusted = models.BooleanField(
+        _("trusted with any hub id"),
+        default=False,
+        help_text=_(
+            "swift runs the Python code a hub model or dataset ships with. Tick this to let the user name any "
+            "hub model or dataset, not only those matching FINETUNE_HUB_MODELS / FINETUNE_HUB_DATASETS: "
+            "only for people you would give a shell on the GPU hosts. Staff are always trusted."
+        ),
+    )
+
+    class Meta:
+        verbose_name = _("account")
+
+    def __str__(self) -> str:
+        return f"account of {self.user}"

@@ -1,13 +1,13 @@
-"""Everything that changes accounts and tokens."""
+"""Everything that changes accounts and tokens, and what they allow."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.utils import timezone
 
-from accounts.models import ApiToken, generate_token, hash_token
+from accounts.models import Account, ApiToken, generate_token, hash_token
 
 
 def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
@@ -35,3 +35,25 @@ def api_token_authenticate(*, raw: str) -> ApiToken | None:
     if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
     return token
+
+
+# --- trust ----------------------------------------------------------------------------------------
+def account_hub_trusted(*, user: AbstractBaseUser | AnonymousUser | None) -> bool:
+    """Whether ``user`` may name any hub model or dataset, not only the operator's allow-list
+    (``FINETUNE_HUB_MODELS`` / ``FINETUNE_HUB_DATASETS``, checked in :mod:`tasks.paths`).
+
+    Staff are trusted (they are the operators: they can tick the flag for themselves anyway); anyone
+    else only when staff ticked ``Account.hub_trusted`` on their user page. Superuser status alone
+    does not count, and a user without an ``Account`` row is not trusted.
+    """
+    if user is None or not user.is_authenticated or not user.is_active:
+        return False
+    if getattr(user, "is_staff", False):
+        return True
+    return Account.objects.filter(user_id=user.pk, hub_trusted=True).exists()
+
+
+def account_set_hub_trusted(*, user: AbstractBaseUser, trusted: bool) -> Account:
+    """Mark ``user`` trusted with any hub id, or take it back (the admin's user page does the same)."""
+    account, _created = Account.objects.update_or_create(user=user, defaults={"hub_trusted": trusted})
+    return account

@@ -1,17 +1,22 @@
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.core import signing
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.forms import SignupForm
 from accounts.models import ApiToken
+from accounts.security import signup_open
 from accounts.services import api_token_create, api_token_revoke
 
 
@@ -20,11 +25,17 @@ class ApiTokenForm(forms.Form):
                            help_text=gettext_lazy("Say where it is used, e.g. “laptop notebook” or “eval script”."))
 
 
-#: Session key holding a just-created token until the profile page has shown it (once).
-NEW_TOKEN_KEY = "accounts.new_token"
+#: Cookie holding a just-created token from the POST to the profile page that shows it (once).
+NEW_TOKEN_COOKIE = "ftp_new_token"
+NEW_TOKEN_SALT = "accounts.new_token"
+#: Seconds the cookie lives if the redirect is never followed.
+NEW_TOKEN_MAX_AGE = 60
 
 
 def signup(request: HttpRequest) -> HttpResponse:
+    if not signup_open():
+        # FINETUNE_SIGNUP=closed: operators create accounts in the admin.
+        return render(request, "registration/signup_closed.html", status=404)
     if request.user.is_authenticated:
         return redirect("home")
     form = SignupForm(request.POST or None)
@@ -41,16 +52,42 @@ def signup(request: HttpRequest) -> HttpResponse:
 def profile(request: HttpRequest) -> HttpResponse:
     """The user's profile: API tokens (create with a name — shown once —, list, revoke)."""
     form = ApiTokenForm(request.POST or None)
+    path = reverse("profile")
     if request.method == "POST" and form.is_valid():
         token, raw = api_token_create(user=request.user, name=form.cleaned_data["name"])
-        # Post/redirect/get: the raw token rides in the session to the next page view, which
-        # shows it and forgets it; only its hash is stored.
-        request.session[NEW_TOKEN_KEY] = {"id": token.pk, "name": token.name, "token": raw}
-        return redirect("profile")
-    new_token = request.session.pop(NEW_TOKEN_KEY, None)
+        # Post/redirect/get: the raw token rides to the page that shows it in a signed cookie that
+        # only this page receives, lives a minute and is deleted when shown. It is never written to
+        # the database (a session would keep it until the next profile view, maybe for ever).
+        response = redirect("profile")
+        payload = {"id": token.pk, "name": token.name, "token": raw, "user": request.user.pk}
+        response.set_cookie(
+            NEW_TOKEN_COOKIE, signing.dumps(payload, salt=NEW_TOKEN_SALT), max_age=NEW_TOKEN_MAX_AGE, path=path,
+            httponly=True, samesite="Strict", secure=settings.SESSION_COOKIE_SECURE,
+        )
+        return response
+    new_token = _new_token_from_cookie(request)
     tokens = ApiToken.objects.filter(user=request.user)
     context = {"form": form, "new_token": new_token, "tokens": tokens}
-    return render(request, "accounts/profile.html", context, status=400 if request.method == "POST" else 200)
+    response = render(request, "accounts/profile.html", context, status=400 if request.method == "POST" else 200)
+    if NEW_TOKEN_COOKIE in request.COOKIES:
+        response.delete_cookie(NEW_TOKEN_COOKIE, path=path, samesite="Strict")
+    if new_token:
+        add_never_cache_headers(response)
+    return response
+
+
+def _new_token_from_cookie(request: HttpRequest) -> dict[str, object] | None:
+    """The token created by the previous POST, if its cookie is genuine, fresh and this user's."""
+    value = request.COOKIES.get(NEW_TOKEN_COOKIE)
+    if not value:
+        return None
+    try:
+        data = signing.loads(value, salt=NEW_TOKEN_SALT, max_age=NEW_TOKEN_MAX_AGE)
+    except signing.BadSignature:  # includes SignatureExpired
+        return None
+    if not isinstance(data, dict) or data.get("user") != request.user.pk:
+        return None
+    return data
 
 
 @login_required

@@ -350,6 +350,8 @@ def main() -> None:
         "FINETUNE_HEARTBEAT_SECONDS": "1",
         "DJANGO_SETTINGS_MODULE": "finetune_platform.settings",
         "CHANNELS_PREFIX": f"ftp-bench-{os.getpid()}",
+        # Every viewer is the same user: lift the per-user socket cap (FINETUNE_MAX_SOCKETS_PER_USER).
+        "FINETUNE_MAX_SOCKETS_PER_USER": "100000",
     }
     if not base_env.get("DATABASE_URL"):
         base_env["DATABASE_URL"] = f"sqlite:///{root / 'data' / 'db.sqlite3'}"

@@ -91,7 +91,7 @@ def main() -> None:
             time.sleep(0.05)
         elapsed = time.perf_counter() - start
         assert detail["status"] == "completed", detail["error_message"]
-        points = client.get(f"/api/finetuning/tasks/{task_id}/metrics/").json()["points"]
+        points = client.get(f"/api/finetuning/tasks/{task_id}/metrics/").json()["results"]
         assert len([p for p in points if p["kind"] == "train"]) == opts.steps
         row = FinetuningTask.objects.get(pk=task_id)
         breakdown.append(((row.started_at - row.created_at).total_seconds(),

@@ -15,6 +15,7 @@ def live_labels() -> dict[str, Any]:
         "connected": _("Live"),
         "connecting": _("Connecting…"),
         "reconnecting": _("Reconnecting…"),
+        "too_many": _("Too many pages with live updates are open. Close some tabs; this page will try again."),
         # The same formats as tasks/templatetags/task_format.py uses.
         "durations": {
             "dh": _("%(d)dd %(h)02dh"),

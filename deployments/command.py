@@ -2,8 +2,12 @@
 
 Like training (:mod:`tasks.command`), nothing a user types reaches swift unless it is a key of
 :data:`DEPLOY_ARGS` whose value passed that key's check; the argv is a list run without a shell.
-The platform sets the flags that matter for safety itself: ``--host 127.0.0.1`` (the model server
-is never reachable from outside the host), the allocated ``--port`` and a random ``--api_key``.
+The platform sets the flags that matter for safety itself: ``--host`` = this host's
+``FINETUNE_HOST_ADDRESS`` (127.0.0.1 by default: then the model server is never reachable from outside
+the host; on a multi-host install the address the gateway reaches it on), the allocated ``--port`` and
+a random ``--api_key``. The environment names an empty folder in ``SWIFT_MEDIA_ALLOWED_DIRS`` and a
+host that does not exist in ``SWIFT_URL_ALLOWED_HOSTS``, so swift reads no local file and fetches no URL
+named in a request, whatever reaches it (the gateway already refuses them: docs/security.md, H1).
 """
 
 from __future__ import annotations
@@ -25,7 +29,20 @@ from gpus.models import Run
 from gpus.selectors import apply_reserved_gpus
 from tasks.command import ensure_checkpoint_base_model
 
-HOST = "127.0.0.1"
+#: What ``SWIFT_URL_ALLOWED_HOSTS`` names: a host in the reserved ``.invalid`` domain (RFC 2606) never
+#: resolves, so swift refuses every media URL before any connection.
+NO_MEDIA_HOST = "no-media.invalid"
+
+
+def bind_address() -> str:
+    """Where this host's model servers listen (and the readiness probe calls): ``FINETUNE_HOST_ADDRESS``.
+    The worker records the same value on its ``Host`` row; the gateway proxies to it."""
+    return settings.FINETUNE_HOST_ADDRESS.strip() or "127.0.0.1"
+
+
+def http_host(address: str) -> str:
+    """``address`` as the host part of a URL (an IPv6 address in brackets)."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 def _spec(kind: str, **kwargs: Any) -> ArgSpec:
@@ -67,7 +84,7 @@ DEPLOY_ARGS: dict[str, ArgSpec] = {
 
 #: Flags the platform sets; naming one is an error that says why.
 RESERVED_DEPLOY_ARGS: dict[str, str] = {
-    "host": "the model server always listens on 127.0.0.1; reach it through the gateway",
+    "host": "the model server listens on the host's FINETUNE_HOST_ADDRESS; reach it through the gateway",
     "port": "the port is allocated by the platform",
     "api_key": "the platform sets a random key; call the gateway with your API token",
     "model": "choose what to serve with task/checkpoint or model",
@@ -185,7 +202,7 @@ def build_argv(deployment: Deployment, *, port: int, api_key: str, gpu_count: in
         args[flag] = gpu_count
     argv += [
         "--infer_backend", deployment.backend,
-        "--host", HOST, "--port", str(port), "--api_key", api_key,
+        "--host", bind_address(), "--port", str(port), "--api_key", api_key,
         "--served_model_name", deployment.served_model_name,
         # swift logs every request and answer by default; chats stay out of the log.
         "--verbose", "false",
@@ -200,10 +217,31 @@ def redact(argv: list[str], secret: str) -> list[str]:
     return [("***" if value == secret else value) for value in argv]
 
 
+def no_media_dir(workdir: Path) -> Path:
+    """The deployment's empty folder, ``<workdir>/no-media``: the only place swift may read media from.
+    Created read-only; a folder that is not empty (someone put files there) is refused."""
+    folder = workdir / "no-media"
+    if not folder.is_symlink():
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)  # nothing the model server runs can put a file there
+    if folder.is_symlink() or any(folder.iterdir()):
+        raise LaunchError(f"{folder} must be an empty folder (swift may read media only from there).")
+    return folder
+
+
 def build_env(run: Run, *, workdir: Path) -> LaunchEnv:
     """The deployment's environment: the one every swift process gets (own caches, hub access off
-    when offline) and the GPUs the scheduler reserved for its run (none for a CPU slot)."""
+    when offline) and the GPUs the scheduler reserved for its run (none for a CPU slot).
+
+    swift reads a local path or fetches a URL named in a chat request's media; a deployment's callers
+    are not trusted with the host's files or network (docs/security.md, H1), so media may come only
+    from an empty folder and from a host that does not exist. Training is different: its datasets
+    legitimately name media files anywhere, so :mod:`tasks.command` sets neither."""
     env = base_env(workdir=workdir)
+    env.pop("SWIFT_ALLOW_INTERNAL_URL", None)  # never from FINETUNE_ENV_PASSTHROUGH
+    env["SWIFT_MEDIA_ALLOWED_DIRS"] = str(no_media_dir(workdir))
+    env["SWIFT_URL_ALLOWED_HOSTS"] = NO_MEDIA_HOST
+    env["SWIFT_MAX_DOWNLOAD_SIZE_MB"] = "1"
     devices = apply_reserved_gpus(env, run)
     return LaunchEnv(env=env, devices=devices)
 

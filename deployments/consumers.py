@@ -1,18 +1,18 @@
 """The live sockets of the deployment pages, on the bases of :mod:`core.live` (docs/live.md).
 
 * **Deployment** (``/ws/deployments/<id>/?after=<seq>&lang=xx``, a
-  :class:`~core.live.StreamConsumer`): the log lines after ``after`` from the database, then live
+  :class:`~core.live.sockets.StreamConsumer`): the log lines after ``after`` from the database, then live
   from the deployment's group (:func:`deployments.logs.deployment_group`), and the deployment's
   state: ``{"type": "state", "state": {...}, "html": {"status", "alerts", "facts", "command"}}`` (the
   page's parts, rendered by the same partials as the page), sent on connect and whenever it
   changes. The state is read again on a notice that carries no lines (a service announcing a
   change), with a platform line (starting, ready, stopping, failing) and after a loss.
-* **List** (``/ws/deployments/?ids=1,2&lang=xx``, a :class:`~core.live.SnapshotConsumer`): the
+* **List** (``/ws/deployments/?ids=1,2&lang=xx``, a :class:`~core.live.sockets.SnapshotConsumer`): the
   watched rows (``deployments/_deployment_row.html``) when they change, from notices on
   :data:`deployments.logs.DEPLOYMENTS_GROUP`.
 
 Anonymous sockets close with 4401; another user's (or a missing) deployment with 4404, before
-joining any group.
+joining any group (and later, when a staff flag taken away leaves the deployment another user's).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
 from django.utils import translation
 
-from core import live
+from core.live.sockets import CLOSE_NOT_FOUND, SnapshotConsumer, StreamConsumer, query_language
 from deployments import selectors
 from deployments.logs import DEPLOYMENTS_GROUP, PLATFORM_PREFIX, deployment_group
 from deployments.models import Deployment, DeploymentLogLine
@@ -71,7 +71,7 @@ def _find(user: Any, pk: Any) -> Deployment | None:
     return selectors.deployment_list(user=user).filter(pk=key).first()
 
 
-class DeploymentConsumer(live.StreamConsumer):
+class DeploymentConsumer(StreamConsumer):
     """A deployment's log and state, for its owner (or staff)."""
 
     line_message: ClassVar[dict[str, Any]] = {"type": "lines"}
@@ -81,12 +81,15 @@ class DeploymentConsumer(live.StreamConsumer):
         if deployment is None:
             return False
         self.deployment_id = deployment.pk
-        self.language = live.query_language(self.query)
+        self.language = query_language(self.query)
         self.sent_state: dict[str, Any] | None = None
         return True
 
     def live_groups(self) -> list[str]:
         return [deployment_group(self.deployment_id)]
+
+    async def reauthorize(self) -> bool:
+        return await database_sync_to_async(_find)(self.user, self.deployment_id) is not None
 
     def read_lines(self, *, after: int, limit: int) -> list[dict[str, Any]]:
         deployment = Deployment(pk=self.deployment_id)
@@ -122,7 +125,7 @@ class DeploymentConsumer(live.StreamConsumer):
         """Send the state when it changed; None (and the socket closed) when the deployment is gone."""
         found = await database_sync_to_async(self._read_state)()
         if found is None:
-            await self.close_with(live.CLOSE_NOT_FOUND, {"type": "deleted"})
+            await self.close_with(CLOSE_NOT_FOUND, {"type": "deleted"})
             return None
         state, html = found
         if state != self.sent_state:
@@ -131,7 +134,7 @@ class DeploymentConsumer(live.StreamConsumer):
         return state
 
 
-class DeploymentListConsumer(live.SnapshotConsumer):
+class DeploymentListConsumer(SnapshotConsumer):
     """Live rows of the deployment list: the deployments it shows, as they change."""
 
     volatile: ClassVar[frozenset[str]] = frozenset()
@@ -142,7 +145,7 @@ class DeploymentListConsumer(live.SnapshotConsumer):
             if part.strip().isdigit():
                 ids.add(int(part))
         self.watched = ids
-        self.language = live.query_language(self.query)
+        self.language = query_language(self.query)
         return True
 
     def live_groups(self) -> list[str]:

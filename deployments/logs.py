@@ -13,7 +13,7 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from core.live import publish_many
+from core.live.publish import publish_many
 from deployments.models import Deployment, DeploymentLogLine
 
 PLATFORM_PREFIX = "[platform] "

@@ -60,7 +60,8 @@ class DeploymentQuerySet(OwnedQuerySet):
 
 
 class Deployment(CurrentRun):
-    """A model served by one ``swift deploy`` process group on one host, bound to 127.0.0.1.
+    """A model served by one ``swift deploy`` process group on one host, bound to that host's
+    ``FINETUNE_HOST_ADDRESS`` (127.0.0.1 by default; docs/deployments.md).
 
     ``api_key`` is the per-deployment key swift requires; only the gateway (server side) uses it.
     """

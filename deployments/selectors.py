@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.shortcuts import get_object_or_404
 
 from deployments.models import Deployment, DeploymentLogLine
+from gpus.models import Host
 from tasks.models import FinetuningTask
 
 
@@ -20,13 +21,22 @@ def deployment_get(*, user: Any, pk: Any) -> Deployment:
     return get_object_or_404(deployment_list(user=user), pk=pk)
 
 
+def deployment_gateway_list(*, user: Any) -> QuerySet[Deployment]:
+    """The user's deployments as the gateway needs them: with the current run and ``host_address``,
+    the address the host of that run recorded (``Host.address``; ``None`` without a host row), read
+    in the same query."""
+    address = Host.objects.filter(name=OuterRef("run__host")).values("address")[:1]
+    return deployment_list(user=user).select_related("run").annotate(host_address=Subquery(address))
+
+
 async def deployment_find(*, user: Any, pk: Any) -> Deployment | None:
-    """The user's deployment or None, for async views (the gateway)."""
+    """The user's deployment or None, for async views (the playground), as the gateway needs it
+    (:func:`deployment_gateway_list`)."""
     try:
         key = int(pk)
     except (TypeError, ValueError):
         return None
-    return await deployment_list(user=user).filter(pk=key).afirst()
+    return await deployment_gateway_list(user=user).filter(pk=key).afirst()
 
 
 def deployment_log_lines(*, deployment: Deployment, after: int = 0, limit: int = 1000) -> list[DeploymentLogLine]:

@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from core.errors import ServiceValidationError
-from core.live import publish
+from core.live.publish import publish
 from core.swift_cli.training_args import TrainingArgsError
 from deployments.command import (
     available_backends,
@@ -39,7 +39,7 @@ from gpus.models import Lane, RunKind
 from gpus.placement import Request, impossible_reason
 from gpus.selectors import inventory_snapshot
 from gpus.services import run_create, run_stop, runs_delete
-from tasks.command import normalize_gpu_config
+from tasks.command import normalize_gpu_config, task_hub_refusals
 from tasks.models import FinetuningTask, TrainType
 from tasks.paths import PathError, is_within, resolve_model, workspace_dir
 from tasks.selectors import task_checkpoints
@@ -126,6 +126,10 @@ def deployment_create(
                        if task_id is not None else None)
         if source_task is None:
             errors["task"] = _("task %(task)s does not exist") % {"task": task}
+        elif refused := task_hub_refusals(source_task).get("base_model"):
+            # swift deploy loads the task's hub base model again (the checkpoint's args.json names it;
+            # a merged folder carries its code): today's hub policy applies (docs/security.md, C1).
+            errors["task"] = refused
         else:
             ckpt = _resolve_checkpoint(source_task, checkpoint, errors)
             base_model = source_task.base_model

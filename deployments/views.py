@@ -2,13 +2,17 @@
 snippet, the live log, stop, and a chat playground). Thin: reads go through the selectors (another
 user's deployment is a 404), changes through the services. The live parts follow the socket
 ``/ws/deployments/<id>/`` (``deployments.consumers``: state and log lines, no polling); the playground posts to
-:func:`playground_chat`, which streams from the model through the same proxy as the gateway."""
+:func:`playground_chat`, which streams from the model through the same checks and proxy as the gateway."""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import SESSION_KEY, get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
@@ -94,11 +98,26 @@ def deployment_delete(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect("deployments")
 
 
+def _still_logged_in(session_key: str | None, user_id: int) -> bool:
+    """The playground's re-check during a stream: the user is active and the session still theirs
+    (read afresh: logging out or being logged out elsewhere ends it)."""
+    if not get_user_model().objects.filter(pk=user_id, is_active=True).exists():
+        return False
+    if session_key is None:
+        return True
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    return str(store.get(SESSION_KEY)) == str(user_id)
+
+
 async def playground_chat(request: HttpRequest, pk: int) -> HttpResponse:
     """The detail page's chat: the logged-in owner (session + CSRF token) streams from the model
-    through the same proxy as the token gateway. Answers in the OpenAI shape, like the gateway."""
+    through the same checks and proxy as the token gateway (the same request allow-list, size caps,
+    per-user limit and re-checks during a stream). Answers in the OpenAI shape, like the gateway."""
     if request.method != "POST":
         return gateway.openai_error(405, "Use POST.")
+    refused = gateway.declared_too_large(request)
+    if refused is not None:
+        return refused
     user = await request.auser()
     if not user.is_authenticated:
         return gateway.openai_error(401, _("Log in to use the playground."), code="not_logged_in")
@@ -108,4 +127,11 @@ async def playground_chat(request: HttpRequest, pk: int) -> HttpResponse:
     payload = gateway.parse_chat_body(request, deployment)
     if isinstance(payload, HttpResponse):
         return payload
-    return await gateway.proxy(deployment, endpoint="chat/completions", payload=payload)
+    check = sync_to_async(_still_logged_in)
+    session_key, user_id = request.session.session_key, user.pk
+
+    async def still_allowed() -> bool:
+        return await check(session_key, user_id)
+
+    return await gateway.proxy(deployment, endpoint="chat/completions", payload=payload, user_id=user_id,
+                               still_allowed=still_allowed)

@@ -2,9 +2,10 @@
 
 What is its own: a port from :mod:`deployments.ports` and a random API key (swift requires one; only
 the gateway uses it, and it is replaced by ``***`` in the stored command and log), swift bound to
-127.0.0.1; readiness — the Uvicorn line names the port swift really bound (swift silently moves on
-when the port is busy), that port must be held by our own process group, and ``/v1/models`` must
-answer with the served name — then ``starting → running``; the idle stop; and what an exit means.
+this host's ``FINETUNE_HOST_ADDRESS`` (127.0.0.1 by default); readiness — the Uvicorn line names the
+port swift really bound (swift silently moves on when the port is busy), that port must be held by
+our own process group, and ``/v1/models`` at that address must answer with the served name — then
+``starting → running``; the idle stop; and what an exit means.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from core.swift_cli.failures import last_error_line
-from deployments.command import HOST, build_argv, build_env, redact
+from deployments.command import bind_address, build_argv, build_env, http_host, redact
 from deployments.logs import DeploymentLog, deployment_changed
 from deployments.models import Deployment, DeploymentStatus
 from deployments.ports import listening_pid, port_allocate, port_take_over
@@ -167,7 +168,8 @@ class DeployWorkload(Workload):
         if listening_pid(port, proc.pid) is None:
             return None  # not listening yet (or not ours): keep waiting until the readiness timeout
         try:
-            response = httpx.get(f"http://{HOST}:{port}/v1/models", timeout=2.0, trust_env=False,
+            # The address the gateway uses too (the one swift was told to bind to).
+            response = httpx.get(f"http://{http_host(bind_address())}:{port}/v1/models", timeout=2.0, trust_env=False,
                                  headers={"Authorization": f"Bearer {self.api_key}"})
             names = [m.get("id") for m in response.json().get("data", [])] if response.status_code == 200 else []
         except (httpx.HTTPError, ValueError, AttributeError):
@@ -181,7 +183,7 @@ class DeployWorkload(Workload):
             self.ready = True
             deployment.status, deployment.ready_at = DeploymentStatus.RUNNING, now
             deployment_changed(deployment)
-            self.log.note(f"Ready: serving {deployment.served_model_name!r} on {HOST}:{port}")
+            self.log.note(f"Ready: serving {deployment.served_model_name!r} on {http_host(bind_address())}:{port}")
         return None
 
     def stop_note(self, reason: str) -> None:

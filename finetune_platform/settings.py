@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -65,8 +66,24 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DEBUG", False)
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- Transport security (docs/security.md, "Logins and accounts") --------------------------------
+# Off by default: zero configuration serves plain HTTP on 127.0.0.1. Behind HTTPS, turn them on.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("FINETUNE_SECURE_COOKIES", False)
+SECURE_HSTS_SECONDS = env_int("FINETUNE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("FINETUNE_HSTS_INCLUDE_SUBDOMAINS", False)
+# Only behind a proxy that sets X-Forwarded-Proto itself (and overwrites what a client sent).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("FINETUNE_PROXY_SSL_HEADER", False) else None
+SECURE_SSL_REDIRECT = env_bool("FINETUNE_SSL_REDIRECT", False)
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# How many reverse proxies in front of the platform append to X-Forwarded-For: 0 = the client's
+# address is REMOTE_ADDR and the header is ignored. Used by the log-in lockout and DRF's NUM_PROXIES.
+FINETUNE_TRUSTED_PROXIES = env_int("FINETUNE_TRUSTED_PROXIES", 0, minimum=0, maximum=10)
 
 # --- Applications ------------------------------------------------------------------------------
 INSTALLED_APPS = [
@@ -84,6 +101,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_q",
     "channels",
+    "axes",
     "accounts",
     "tasks",
     "gpus",
@@ -100,6 +118,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last (django-axes' rule): turns a refused log-in into accounts.security.lockout_response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "finetune_platform.urls"
@@ -116,6 +136,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "accounts.security.signup_context",
             ],
         },
     },
@@ -147,10 +168,36 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    # Not a check: its password_changed hook revokes the user's API tokens.
+    {"NAME": "accounts.security.RevokeTokensOnPasswordChange"},
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
+# open: anyone may create an account; closed: operators create accounts in the admin.
+FINETUNE_SIGNUP = env_str("FINETUNE_SIGNUP", "open").strip().lower()
+if FINETUNE_SIGNUP not in ("open", "closed"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"FINETUNE_SIGNUP={FINETUNE_SIGNUP!r}: use open or closed")
+
+# Password guessing (django-axes, see accounts/security.py): every log-in form and the token
+# endpoint count failures per user name and per client address; FINETUNE_LOGIN_FAILURES of them
+# within the cool-off lock that user name (or address) for FINETUNE_LOGIN_COOLOFF_MINUTES.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("FINETUNE_LOGIN_FAILURES", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("FINETUNE_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = "accounts.security.lockout_parameters"
+AXES_CLIENT_IP_CALLABLE = "accounts.security.client_ip"
+AXES_LOCKOUT_CALLABLE = "accounts.security.lockout_response"
+# accounts.signals clears a user name's failures from one address on success (axes' own reset would
+# clear the whole address's failures: a bypass for anyone with an account).
+AXES_RESET_ON_SUCCESS = False
+# Attempts while locked out are refused without being counted: the lock ends on time.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 
 # --- I18n / static -----------------------------------------------------------------------------
 LANGUAGE_CODE = "en"
@@ -181,13 +228,13 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_PAGINATION_CLASS": "core.query.Pagination",
     "PAGE_SIZE": 20,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "core.api.AutoSchema",
     "EXCEPTION_HANDLER": "core.api.exception_handler",
-    # Password guessing against POST /api/auth/token/ (per client IP).
-    "DEFAULT_THROTTLE_RATES": {"login": env_str("FINETUNE_LOGIN_RATE", "20/min")},
+    # The client address of any DRF throttle: the same proxies as the log-in lockout trusts.
+    "NUM_PROXIES": FINETUNE_TRUSTED_PROXIES,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Finetune Platform API",
@@ -198,6 +245,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The schema needs a log-in like every page (the docs pages redirect to it: finetune_platform/urls.py).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
 }
 
 # --- Channels ----------------------------------------------------------------------------------
@@ -280,6 +329,31 @@ FINETUNE_SWIFT_PYTHON = env_str("FINETUNE_SWIFT_PYTHON") or _default_swift_pytho
 # Where built-in models are built, once per host (a few MB).
 BUILTIN_MODELS_DIR = _dir("FINETUNE_BUILTIN_MODELS_DIR", DATA_DIR / "builtin-models")
 
+# --- Trust (docs/security.md) ---
+# swift loads every hub model and dataset with trust_remote_code=True: a repository's Python runs on
+# the worker. Hub ids are accepted only when they match these globs (``*`` trusts every user); a user
+# marked trusted by staff may use any. Local models under FINETUNE_MODEL_ROOTS are the operator's own.
+FINETUNE_HUB_MODELS = env_list("FINETUNE_HUB_MODELS", [
+    "Qwen/*", "deepseek-ai/*", "meta-llama/*", "LLM-Research/*", "mistralai/*", "google/*",
+    "microsoft/*", "OpenGVLab/*", "01-ai/*", "BAAI/*", "HuggingFaceTB/*",
+])
+FINETUNE_HUB_DATASETS = env_list("FINETUNE_HUB_DATASETS", [
+    "AI-ModelScope/*", "swift/*", "modelscope/*", "Qwen/*", "HuggingFaceH4/*", "tatsu-lab/*",
+    "openai/*", "BAAI/*",
+])
+# Pass HF_TOKEN / MODELSCOPE_API_TOKEN to jobs (gated models); off: jobs never see the operator's tokens.
+FINETUNE_HUB_TOKENS = env_bool("FINETUNE_HUB_TOKENS", False)
+# Defence in depth: run every swift process as this OS user (the worker must be root or have
+# CAP_SETUID); it must not be able to read FINETUNE_DATA_DIR's secret key or database.
+FINETUNE_RUN_AS = env_str("FINETUNE_RUN_AS")
+
+# --- Bounded input (docs/security.md) ---
+FINETUNE_MAX_DATASET_COLUMNS = env_int("FINETUNE_MAX_DATASET_COLUMNS", 256, minimum=1)
+# Open live sockets (pages) one user may hold in one web process.
+FINETUNE_MAX_SOCKETS_PER_USER = env_int("FINETUNE_MAX_SOCKETS_PER_USER", 32, minimum=1)
+# How often a socket re-checks its user (deactivated, logged out, token revoked: closed).
+FINETUNE_SOCKET_RECHECK_SECONDS = env_float("FINETUNE_SOCKET_RECHECK_SECONDS", 5.0, minimum=0.1)
+
 # --- Deployments (swift deploy behind the gateway; see docs/deployments.md) ---
 def _port_range(name: str, default: str) -> tuple[int, int]:
     raw = env_str(name, default)
@@ -305,6 +379,14 @@ FINETUNE_DEPLOY_IDLE_MINUTES = env_float("FINETUNE_DEPLOY_IDLE_MINUTES", 0.0, mi
 FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS = env_float("FINETUNE_DEPLOY_READY_TIMEOUT_SECONDS", 900.0, minimum=5.0)
 # How long the gateway waits for the model server to answer (long generations stream).
 FINETUNE_DEPLOY_GATEWAY_TIMEOUT_SECONDS = env_float("FINETUNE_DEPLOY_GATEWAY_TIMEOUT_SECONDS", 600.0, minimum=1.0)
+# The address other hosts (the gateway) reach this host's deployments on; swift deploy binds to it.
+FINETUNE_HOST_ADDRESS = env_str("FINETUNE_HOST_ADDRESS", "127.0.0.1")
+# The gateway forwards only what it understands, within these bounds (docs/security.md).
+FINETUNE_GATEWAY_MAX_BODY_KB = env_int("FINETUNE_GATEWAY_MAX_BODY_KB", 8192, minimum=1)
+FINETUNE_GATEWAY_MAX_IMAGE_KB = env_int("FINETUNE_GATEWAY_MAX_IMAGE_KB", 4096, minimum=0)
+FINETUNE_GATEWAY_MAX_ANSWER_MB = env_int("FINETUNE_GATEWAY_MAX_ANSWER_MB", 16, minimum=1)
+FINETUNE_GATEWAY_USER_CONCURRENCY = env_int("FINETUNE_GATEWAY_USER_CONCURRENCY", 4, minimum=1)
+FINETUNE_GATEWAY_POOL_TIMEOUT_SECONDS = env_float("FINETUNE_GATEWAY_POOL_TIMEOUT_SECONDS", 5.0, minimum=0.1)
 # Inference backends offered besides transformers; empty = those installed next to swift.
 FINETUNE_DEPLOY_BACKENDS = env_list("FINETUNE_DEPLOY_BACKENDS", [])
 
@@ -345,5 +427,7 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "stream": sys.stderr}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     # httpx logs every request the deployment gateway proxies at INFO.
-    "loggers": {"django_q": {"level": env_str("Q_LOG_LEVEL", "WARNING")}, "httpx": {"level": "WARNING"}},
+    "loggers": {"django_q": {"level": env_str("Q_LOG_LEVEL", "WARNING")}, "httpx": {"level": "WARNING"},
+                # axes announces itself at INFO in every process; lockouts are WARNING.
+                "axes": {"level": env_str("AXES_LOG_LEVEL", "WARNING")}},
 }

@@ -20,10 +20,12 @@ class GpuInline(admin.TabularInline):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ["name", "gpu_backend", "cpu_slots", "enabled", "last_seen_at", "agent_machine", "gpu_error"]
+    list_display = ["name", "address", "gpu_backend", "cpu_slots", "enabled", "last_seen_at", "agent_machine",
+                    "gpu_error"]
     list_filter = ["enabled", "gpu_backend"]
-    search_fields = ["name", "agent_machine"]
-    readonly_fields = ["name", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "agent_instance", "agent_pid",
+    search_fields = ["name", "address", "agent_machine"]
+    readonly_fields = ["name", "address", "gpu_backend", "gpu_error", "cpu_slots", "last_seen_at", "agent_instance",
+                       "agent_pid",
                        "agent_machine", "agent_boot", "agent_started_at", "created_at"]
     inlines = [GpuInline]
     actions = ["release_lost"]

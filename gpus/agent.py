@@ -11,7 +11,7 @@ import time
 from django.conf import settings
 from django.db import close_old_connections
 
-from core.live import publish
+from core.live.publish import publish
 from gpus.inventory import discover
 from gpus.scheduler import INVENTORY_GROUP, dispatch
 from gpus.services import HostNameInUse, default_cpu_slots, host_announce

@@ -3,7 +3,7 @@
 The GPUs page (``/gpus/``) renders :func:`gpus.selectors.gpu_overview`; the socket sends the same
 payload (``{"type": "gpus", "hosts": [...], "html": {"hosts", "summary"}}``: the host cards
 rendered by ``gpus/_host.html``, which the page swaps in). It is a
-:class:`~core.live.SharedSnapshot`: computed once per change for every socket of the process (once
+:class:`~core.live.topics.SharedSnapshot`: computed once per change for every socket of the process (once
 per kind of viewer: staff, or one user, and a language, because a holder is named only to its owner
 and to staff). A change is announced on :data:`gpus.scheduler.INVENTORY_GROUP` (each agent round,
 every booking and release); the snapshot is also re-computed every :data:`POLL_SECONDS` for what
@@ -13,7 +13,7 @@ changes with time alone (a host falling silent).
 ``tasks.consumers``: an app above serves its topic through this socket without gpus importing it);
 ``lang=<code>`` is the page's language. Values that change on every read (seconds since a host was
 seen, a task's waited time, seconds until its estimated start) travel with a message but do not
-trigger one: the pages tick them locally. ``{"type": "refresh"}`` sends everything again; a
+trigger one: the pages tick them locally. ``{"type": "refresh"}`` sends everything again (rate-limited); a
 deactivated account is closed with 4401, an anonymous one refused with 4401.
 """
 
@@ -24,13 +24,12 @@ from typing import Any, ClassVar
 from django.template.loader import render_to_string
 from django.utils.translation import gettext as _
 
-from core import live
+from core.live.topics import SharedSnapshot, TopicConsumer, register_topic
 from gpus import selectors
 from gpus.scheduler import INVENTORY_GROUP
 
 #: How often the process re-computes the snapshot without a notice (time alone changes it).
 POLL_SECONDS = 5.0
-CLOSE_UNAUTHENTICATED = live.CLOSE_UNAUTHENTICATED
 TOPICS = ("gpus", "queue")
 #: Fields that change on every read; sent along with a real change only.
 VOLATILE_FIELDS = frozenset({"last_seen", "seen_seconds_ago", "waited_seconds", "starts_in_seconds", "html"})
@@ -53,8 +52,8 @@ def gpus_message(*, user: Any) -> dict[str, Any]:
     return {"type": "gpus", "hosts": hosts, "html": {"hosts": cards, "summary": summary}}
 
 
-@live.register_topic
-class GpuSnapshot(live.SharedSnapshot):
+@register_topic
+class GpuSnapshot(SharedSnapshot):
     topic = "gpus"
     groups = (INVENTORY_GROUP,)
 
@@ -66,7 +65,7 @@ class GpuSnapshot(live.SharedSnapshot):
         return gpus_message(user=user)
 
 
-class GpuQueueConsumer(live.TopicConsumer):
+class GpuQueueConsumer(TopicConsumer):
     """Snapshots of the GPUs and the queue for any logged-in user, re-sent when they change."""
 
     topics = TOPICS

@@ -51,6 +51,12 @@ class Host(models.Model):
     gpu_error = models.TextField(_("GPU discovery problem"), blank=True)
     cpu_slots = models.PositiveSmallIntegerField(_("CPU slots"), default=0)
     enabled = models.BooleanField(_("enabled"), default=True, help_text=_("A disabled host takes no new work."))
+    # Where the gateway reaches this host's model servers (its worker's FINETUNE_HOST_ADDRESS, which
+    # swift deploy binds to); recorded by that worker when it claims and announces the host.
+    address = models.CharField(
+        _("address"), max_length=255, blank=True,
+        help_text=_("The host's FINETUNE_HOST_ADDRESS: where the gateway reaches its deployments."),
+    )
     last_seen_at = models.DateTimeField(_("last seen"), null=True, blank=True)
     # The worker that announces this host (``gpus.services.host_claim``): a second live worker with
     # the same name refuses to start instead of failing this one's tasks.

@@ -3,22 +3,31 @@
 ``swift`` is a wrapper that starts the real trainer (or torchrun, or uvicorn) as a child; a signal
 to the wrapper alone orphans the child, which keeps the GPU or the port. Every launch therefore
 starts a new session (its own process group) and every stop signals the whole group.
+
+With ``FINETUNE_RUN_AS`` set, every launch runs as that OS user (:func:`run_as_popen_kwargs`), so the
+code a hub model ships with cannot read the worker's secret key, database or other users' files.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing
 import os
+import pwd
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
+
+from core.swift_cli.env import LaunchError
 
 #: Seconds a supervised group gets between SIGTERM and SIGKILL when the worker shuts down (swift
 #: exits within a fraction of a second on SIGTERM; nothing is saved either way).
@@ -143,6 +152,102 @@ def stop_launched(proc: Any) -> None:
         return
     if proc.poll() is None or group_members(proc.pid):
         stop_group(proc.pid, grace=settings.FINETUNE_STOP_GRACE_SECONDS)
+
+
+# --- running as another user -------------------------------------------------------------------
+def run_as_user() -> pwd.struct_passwd | None:
+    """The OS user ``FINETUNE_RUN_AS`` names (a name or a numeric uid), or None when it is unset.
+
+    Raises :class:`LaunchError` in plain words when the user does not exist or this worker cannot
+    start processes as another user (it must run as root)."""
+    from django.conf import settings
+
+    name = (settings.FINETUNE_RUN_AS or "").strip()
+    if not name:
+        return None
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        raise LaunchError(f"FINETUNE_RUN_AS names the user {name!r}, which does not exist on this host: "
+                          "create it, or unset FINETUNE_RUN_AS.") from None
+    if os.geteuid() != 0:
+        raise LaunchError(f"FINETUNE_RUN_AS asks to run swift as {entry.pw_name!r}, but this worker runs as uid "
+                          f"{os.geteuid()} and cannot switch users: run the worker as root, or unset "
+                          "FINETUNE_RUN_AS.")
+    return entry
+
+
+def _output_dir(argv: list[str]) -> Path | None:
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--output_dir":
+            return Path(value)
+    return None
+
+
+def _give(path: str, uid: int, gid: int) -> None:
+    """chown one entry without ever following a link. The entry is opened first (``O_NOFOLLOW``) and
+    changed through its descriptor, so a job swapping it meanwhile changes nothing else; a file with
+    more than one hard link is left alone (it may be a link the job planted to a file outside)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: change the link itself
+            os.chown(path, uid, gid, follow_symlinks=False)
+        elif exc.errno != errno.ENXIO:  # ENXIO: a socket, nothing to hand over
+            raise
+        return
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+            return
+        if (info.st_uid, info.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def hand_over(folder: Path, uid: int, gid: int) -> None:
+    """Give ``folder`` and everything in it to ``uid:gid`` (links are never followed)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    _give(str(folder), uid, gid)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in [*dirnames, *filenames]:
+            _give(os.path.join(dirpath, name), uid, gid)
+
+
+def run_as_popen_kwargs(*, argv: list[str], workdir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """What ``subprocess.Popen`` needs to start a run as the ``FINETUNE_RUN_AS`` user; ``{}`` when it
+    is unset. Raises :class:`LaunchError` when it cannot.
+
+    The user gets the folders the process writes: the run's ``cache`` (temp files, preprocessing,
+    its home), the ``--output_dir`` swift writes (or, for a merged folder that does not exist yet, the
+    folder it goes into) and the shared hub download cache. The run's folder itself and its log stay
+    the worker's: the job cannot swap the log file for a link the worker would then follow.
+    ``env`` gets ``HOME``, ``USER`` and ``LOGNAME`` of that user (its home is in the run's cache).
+    """
+    from django.conf import settings
+
+    entry = run_as_user()
+    if entry is None:
+        return {}
+    uid, gid = entry.pw_uid, entry.pw_gid
+    home = workdir / "cache" / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    writable = [workdir / "cache", settings.HUB_CACHE_DIR]
+    output = _output_dir(argv)
+    if output is not None:
+        writable.append(output if output.exists() else output.parent)
+    try:
+        for folder in writable:
+            hand_over(Path(folder), uid, gid)
+    except OSError as exc:
+        raise LaunchError(f"Could not give the run's folders to the FINETUNE_RUN_AS user {entry.pw_name!r}: "
+                          f"{exc.strerror or exc} ({exc.filename})") from None
+    env.update({"HOME": str(home), "USER": entry.pw_name, "LOGNAME": entry.pw_name})
+    return {"user": uid, "group": gid, "extra_groups": []}
 
 
 # --- worker shutdown ----------------------------------------------------------------------------

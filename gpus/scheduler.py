@@ -39,7 +39,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from core.live import publish
+from core.live.publish import publish
 from core.queues import host_queue
 from gpus.models import RUN_HOLDING_STATUSES, Lane, Reservation, Run, RunStatus
 from gpus.placement import HostState, Placement, Request, place, take

@@ -76,10 +76,11 @@ def host_claim(*, name: str, me: WorkerIdentity) -> None:
     followed by an immediate restart). Otherwise raises :class:`HostNameInUse`: two workers with one
     name would fail each other's tasks. The claim is a conditional update stamped ``Now()``, so of two
     workers starting at once exactly one gets the name. It leaves ``last_seen_at`` alone: the host
-    takes work once its agent has announced what it has.
+    takes work once its agent has announced what it has. It records this worker's
+    ``FINETUNE_HOST_ADDRESS``: where the gateway reaches the host's deployments.
     """
     claim = {"agent_instance": me.instance, "agent_pid": me.pid, "agent_machine": me.machine[:255],
-             "agent_boot": me.boot[:128], "agent_started_at": Now()}
+             "agent_boot": me.boot[:128], "agent_started_at": Now(), "address": _address()}
     Host.objects.get_or_create(name=name)
     window = Now() - stale_after()
     silent = ((models.Q(last_seen_at__isnull=True) | models.Q(last_seen_at__lt=window))
@@ -97,6 +98,11 @@ def host_claim(*, name: str, me: WorkerIdentity) -> None:
         logger.info("host %s: worker pid %s on this machine is gone; taking over its name", name, pid)
         return
     raise HostNameInUse(_in_use_message(name, holder))
+
+
+def _address() -> str:
+    """This host's address for the gateway (``FINETUNE_HOST_ADDRESS``, what swift deploy binds to)."""
+    return settings.FINETUNE_HOST_ADDRESS.strip()[:255]
 
 
 def host_release(*, name: str, instance: str) -> bool:
@@ -118,7 +124,8 @@ def host_announce(*, name: str, discovery: Discovery, cpu_slots: int, instance: 
     """Record what a host's agent discovered, stamped with the database's clock. Returns True when
     capacity appeared (the host was new or came back, or a GPU appeared), which is a reason to
     dispatch. ``instance``: the worker this agent belongs to (:func:`host_claim`); if another worker
-    holds the name now, nothing is written and :class:`HostNameInUse` is raised."""
+    holds the name now, nothing is written and :class:`HostNameInUse` is raised. The host's address
+    (``FINETUNE_HOST_ADDRESS``) is recorded with every announcement, so a changed one takes effect."""
     with transaction.atomic():
         host, created = Host.objects.with_silence().get_or_create(name=name)
         came_back = created or not host.is_live or host.cpu_slots < cpu_slots
@@ -126,7 +133,7 @@ def host_announce(*, name: str, discovery: Discovery, cpu_slots: int, instance: 
         if instance is not None:
             rows = rows.filter(agent_instance=instance)
         if not rows.update(gpu_backend=discovery.backend, gpu_error=discovery.error, cpu_slots=cpu_slots,
-                           last_seen_at=Now()):
+                           address=_address(), last_seen_at=Now()):
             raise HostNameInUse(_in_use_message(name, _holder(pk=host.pk)))
         host.gpu_backend, host.gpu_error, host.cpu_slots = discovery.backend, discovery.error, cpu_slots
         seen: set[str] = set()

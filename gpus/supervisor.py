@@ -57,6 +57,7 @@ from gpus.process import (
     DATABASE_PATIENCE_SECONDS,
     SHUTDOWN_GRACE_SECONDS,
     process_matches,
+    run_as_popen_kwargs,
     runner_alive,
     signal_group,
     sigterm_means_shutdown,
@@ -136,6 +137,7 @@ class Supervisor:
         self.workload.claimed()
         try:
             launch = self.workload.prepare()
+            as_user = run_as_popen_kwargs(argv=launch.argv, workdir=launch.workdir, env=launch.env)
         except (LaunchError, OSError) as exc:
             self.end(Outcome(RunStatus.FAILED, error=str(exc)))
             return
@@ -154,7 +156,7 @@ class Supervisor:
             try:
                 self.proc = subprocess.Popen(  # noqa: S603 - argv list from the allow-list, no shell
                     launch.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=launch.workdir, env=launch.env, start_new_session=True, close_fds=True,
+                    cwd=launch.workdir, env=launch.env, start_new_session=True, close_fds=True, **as_user,
                 )
             except OSError as exc:
                 self.end(Outcome(RunStatus.FAILED, error=f"Could not start swift ({launch.argv[0]}): "

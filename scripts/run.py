@@ -87,9 +87,14 @@ def main() -> int:
         ),
     }
     data = os.environ.get("FINETUNE_DATA_DIR") or "./data"
+    signup = (
+        f"  - sign up at        http://{host}:{port}/accounts/signup/\n"
+        if os.environ.get("FINETUNE_SIGNUP", "open").strip().lower() != "closed"
+        else "  - sign-up is closed: an operator creates accounts in the admin\n"
+    )
     print(
         f"\n  Finetune Platform is starting on http://{host}:{port}/\n"
-        f"  - sign up at        http://{host}:{port}/accounts/signup/\n"
+        f"{signup}"
         f"  - API docs at       http://{host}:{port}/api/docs/\n"
         f"  - first admin:      {py} manage.py createsuperuser   (then http://{host}:{port}/admin/)\n"
         f"  Data (database, workspaces, logs) lives in {data}. Ctrl-C stops everything.\n",

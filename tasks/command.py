@@ -14,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
+from accounts.services import account_hub_trusted
 from core.swift_cli.env import LaunchEnv, LaunchError, base_env
 from core.swift_cli.training_args import training_args_to_argv
 from gpus.models import Run
@@ -26,7 +27,7 @@ from tasks.builtin_models import (
     is_builtin_model_id,
 )
 from tasks.models import Dataset, FinetuningTask, TaskType, TrainType
-from tasks.paths import PathError, datasets_dir, is_hub_dataset_id, is_within
+from tasks.paths import PathError, check_hub_dataset, check_hub_model, datasets_dir, is_hub_dataset_id, is_within
 
 BUILTIN_DATASETS_DIR = Path(__file__).resolve().parent / "builtin_datasets"
 BUILTIN_PREFIX = "builtin:"
@@ -90,9 +91,34 @@ def normalize_gpu_config(raw: Any) -> dict[str, Any]:
     return out
 
 
+def task_hub_refusals(task: FinetuningTask) -> dict[str, str]:
+    """Why the task's hub model or hub datasets may not be used *today* (field → message, empty when
+    they may): the owner's trust or the operator's allow-lists may have changed since the task was
+    created. Checked when a task starts or resumes, and by export and deploy, which load its base
+    model again (from the checkpoint's args.json)."""
+    refusals: dict[str, str] = {}
+    hub_datasets = [spec for spec in task.datasets or [] if isinstance(spec, str) and is_hub_dataset_id(spec)]
+    if task.model_source != "hub" and not hub_datasets:
+        return refusals
+    trusted = account_hub_trusted(user=task.owner)
+    if task.model_source == "hub" and not is_builtin_model_id(task.base_model):
+        try:
+            check_hub_model(task.model_path or task.base_model, trusted=trusted)
+        except PathError as exc:
+            refusals["base_model"] = str(exc)
+    for spec in hub_datasets:
+        try:
+            check_hub_dataset(spec, trusted=trusted)
+        except PathError as exc:
+            refusals["datasets"] = str(exc)
+            break
+    return refusals
+
+
 def resolve_dataset_argument(task: FinetuningTask, spec: Any) -> str:
     """Turn one entry of ``task.datasets`` into what ``--dataset`` receives, re-checking at launch
-    (a file can vanish or be swapped for a symlink after the task was created)."""
+    (a file can vanish or be swapped for a symlink after the task was created; the hub policy is
+    :func:`task_hub_refusals`, checked by :func:`build_argv`)."""
     if isinstance(spec, int) or (isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec)):
         dataset = Dataset.objects.filter(pk=int(spec), owner_id=task.owner_id).first()
         if dataset is None:
@@ -152,6 +178,9 @@ def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | No
     (``--add_version true``): the earlier run's checkpoints and ``logging.jsonl`` stay untouched,
     and the runner follows the new folder's ``logging.jsonl``.
     """
+    refused = task_hub_refusals(task)
+    if refused:
+        raise LaunchError(" ".join(refused.values()))
     args = dict(task.training_args or {})
     datasets = [resolve_dataset_argument(task, spec) for spec in task.datasets]
     if not datasets:
@@ -229,8 +258,9 @@ def build_export_env(*, workdir: Path) -> LaunchEnv:
     return LaunchEnv(env=env, devices=[])
 
 
-def validate_dataset_specs(owner_id: int, specs: Any) -> list[Any]:
-    """Check ``datasets`` at creation time; returns the normalised list or raises PathError."""
+def validate_dataset_specs(owner_id: int, specs: Any, *, hub_trusted: bool = False) -> list[Any]:
+    """Check ``datasets`` at creation time; returns the normalised list or raises PathError.
+    ``hub_trusted``: the owner may name any hub dataset, not only ``FINETUNE_HUB_DATASETS``."""
     if isinstance(specs, (str, int)) and not isinstance(specs, bool):
         specs = [specs]
     if not isinstance(specs, list) or not specs:
@@ -262,5 +292,6 @@ def validate_dataset_specs(owner_id: int, specs: Any) -> list[Any]:
             )
         if not is_hub_dataset_id(value):
             raise PathError(f"{value!r} is not a hub dataset id (owner/name, optionally #N for N samples)")
+        check_hub_dataset(value, trusted=hub_trusted)
         clean.append(value)
     return clean

@@ -1,15 +1,16 @@
 """The live sockets of the tasks app, on the bases of :mod:`core.live` (docs/live.md):
 
-* **Task** (``/ws/tasks/<id>/?after=<seq>``, a :class:`~core.live.StreamConsumer`): everything after
+* **Task** (``/ws/tasks/<id>/?after=<seq>``, a :class:`~core.live.sockets.StreamConsumer`): everything after
   ``after`` from the database (log lines in batches, every metric point and event, the task's state),
   then live updates from the task's group. Without ``?after`` the socket waits up to a second for a
   ``{"type": "resume", "after": N}`` before starting from 0; ``{"type": "backfill", "after": N}``
-  restarts from ``N``.
-* **List** (``/ws/tasks/?ids=1,2&latest=N&lang=xx``, a :class:`~core.live.SnapshotConsumer`): the
+  restarts from ``N``. Requests are rate-limited and a catch-up is bounded (``"more": true``: the
+  page asks again); a message that would pass ``core.live.sockets.MAX_MESSAGE_BYTES`` goes in parts.
+* **List** (``/ws/tasks/?ids=1,2&latest=N&lang=xx``, a :class:`~core.live.sockets.SnapshotConsumer`): the
   watched tasks' rows when they change (state and the row rendered by ``tasks/_task_row.html``),
   ``gone`` for deleted ones, ``new_tasks`` when the user has tasks newer than ``latest``.
 * **Queue** (``/ws/queue/``, and the ``queue`` topic of ``/ws/gpus/``): the waiting tasks, a
-  :class:`~core.live.SharedSnapshot` computed once per change for every socket of the process.
+  :class:`~core.live.topics.SharedSnapshot` computed once per change for every socket of the process.
 
 Messages to the browser (JSON): ``{"type": "update", "state": {...}?, "lines": [{seq, text, time}]?,
 "metrics": [...]?, "events": [...]?, "cards": "<revision>"?}``, ``{"type": "deleted"}``, ``{"type":
@@ -38,7 +39,8 @@ from django.template.loader import render_to_string
 from django.utils import translation
 from django.utils.translation import gettext as _
 
-from core import live
+from core.live.sockets import CLOSE_NOT_FOUND, SnapshotConsumer, StreamConsumer, query_language
+from core.live.topics import SharedSnapshot, TopicConsumer, register_topic
 from core.swift_cli.output import json_safe
 from tasks import selectors
 from tasks.models import TERMINAL_STATUSES, FinetuningTask, TaskEvent, TaskLogLine, TaskMetric
@@ -52,18 +54,12 @@ MAX_WATCHED = 200
 #: What the rendered rows carry in their forms instead of a CSRF token: the page puts its own in.
 CSRF_PLACEHOLDER = "live"
 
-CLOSE_UNAUTHENTICATED = live.CLOSE_UNAUTHENTICATED
-CLOSE_NOT_FOUND = live.CLOSE_NOT_FOUND
-
 #: Fields that change on every read; sent along with a real change only (pages tick them locally).
 VOLATILE_FIELDS = ("elapsed_seconds",)
 #: A change of one of these may change the task page's cards (see ``task_cards_revision``).
 CARD_TRIGGER_FIELDS = frozenset({"status", "last_checkpoint", "error_message", "stop_requested"})
 #: What a list row shows; a row is sent again when one of these changes.
 LIST_FIELDS = ("status", "progress", "current_step", "max_steps", "loss", "eta_seconds", NONFINITE_KEY, "finished_at")
-
-encode_finite_json = live.encode_json
-cross_process_layer = live.cross_process_layer
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -140,7 +136,7 @@ def _parse_ids(raw: Any) -> set[int]:
 
 
 # --- one task ------------------------------------------------------------------------------------
-class TaskConsumer(live.StreamConsumer):
+class TaskConsumer(StreamConsumer):
     """Live updates of one task for its owner (or staff)."""
 
     task_id: int
@@ -161,6 +157,10 @@ class TaskConsumer(live.StreamConsumer):
 
     def live_groups(self) -> list[str]:
         return [task_group(self.task_id)]
+
+    async def reauthorize(self) -> bool:
+        task = await database_sync_to_async(selectors.finetuning_task_find)(user=self.user, pk=self.task_id)
+        return task is not None
 
     def read_lines(self, *, after: int, limit: int) -> list[dict[str, Any]]:
         return [line_payload(line) for line in selectors.task_log_lines(task=self.task_id, after=after, limit=limit)]
@@ -201,7 +201,7 @@ class TaskConsumer(live.StreamConsumer):
             out["state"] = changed
         await self._add_cards(out, task)
         if len(out) > 1:
-            await self.send_json(out)
+            await self.send_split(out)  # every metric and event after the cursors: in parts if need be
 
     async def on_live(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         for _group, message in batch:
@@ -239,7 +239,7 @@ class TaskConsumer(live.StreamConsumer):
         if events or message.get("export") or CARD_TRIGGER_FIELDS & changed.keys():
             await self._add_cards(out, task if task is not None else self.task_id)
         if len(out) > 1:
-            await self.send_json(out)
+            await self.send_split(out)
 
     async def _add_cards(self, out: dict[str, Any], task: FinetuningTask | int) -> None:
         """Put the cards revision into ``out`` when it differs from the one last sent."""
@@ -281,7 +281,7 @@ class TaskConsumer(live.StreamConsumer):
 
 
 # --- the user's task list ------------------------------------------------------------------------
-class TaskListConsumer(live.SnapshotConsumer):
+class TaskListConsumer(SnapshotConsumer):
     """Live rows of a task list page (dashboard, task list): the tasks it shows, as they change."""
 
     volatile: ClassVar[frozenset[str]] = frozenset({"elapsed_seconds", "html"})
@@ -294,7 +294,7 @@ class TaskListConsumer(live.SnapshotConsumer):
             self.latest = int((self.query.get("latest") or ["0"])[0])
         except ValueError:
             self.latest = 0
-        self.language = live.query_language(self.query)
+        self.language = query_language(self.query)
         self.announced_new = False
         return True
 
@@ -303,13 +303,17 @@ class TaskListConsumer(live.SnapshotConsumer):
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "watch":
-            async with self.lock:
-                self.watched = _parse_ids(content.get("ids"))
-                try:
-                    self.latest = int(content.get("latest", self.latest))
-                except (TypeError, ValueError):
-                    pass
+            ids = _parse_ids(content.get("ids"))
+            try:
+                latest = int(content.get("latest", self.latest))
+            except (TypeError, ValueError):
+                latest = self.latest
+
+            async def watch() -> None:  # a read: rate-limited like a refresh (the latest watch wins)
+                self.watched, self.latest = ids, latest
                 await self.send_snapshot(None)
+
+            self.request(watch)
             return
         await super().receive_json(content, **kwargs)
 
@@ -363,8 +367,8 @@ def _viewers_entry(entry: dict[str, Any], user: Any) -> dict[str, Any]:
             "mine": False, "url": None}
 
 
-@live.register_topic
-class QueueSnapshot(live.SharedSnapshot):
+@register_topic
+class QueueSnapshot(SharedSnapshot):
     """The waiting tasks in dispatch order, for the queue page (and the ``queue`` topic). Computed
     once per change and language, then narrowed to each viewer without reading again."""
 
@@ -399,7 +403,7 @@ class QueueSnapshot(live.SharedSnapshot):
         return {"entries": rows, "summary": summary}
 
 
-class QueueConsumer(live.TopicConsumer):
+class QueueConsumer(TopicConsumer):
     """The queue page's socket (``/ws/queue/``)."""
 
     topics = ("queue",)

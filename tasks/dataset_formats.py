@@ -1,18 +1,26 @@
 """Validate uploaded training datasets against the row formats ms-swift reads.
 
-Pure standard library (no Django), so it can run in the web app, a worker or a script.
+No Django (the standard library and ijson), so it can run in the web app, a worker or a script.
 ``validate_dataset_file`` reports the detected format and row count, or raises
 ``DatasetValidationError`` with the 1-based line (or, for JSON arrays, row) number and a
 short plain-English reason meant to be shown to the person who uploaded the file.
+
+Every file type is read as a stream, one row in memory at a time: .jsonl and .csv line by line,
+a .json array record by record with ijson (docs/security.md, M8).
 """
 
+import codecs
 import csv
 import enum
+import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
+
+import ijson
 
 __all__ = [
     "DatasetFormat",
@@ -75,7 +83,7 @@ def _json_type(value: object) -> str:
     """Name a Python value by its JSON type, in plain words."""
     if isinstance(value, bool):
         return "true/false"
-    for kind, name in ((dict, "object"), (list, "list"), (str, "string"), (int | float, "number")):
+    for kind, name in ((dict, "object"), (list, "list"), (str, "string"), (int | float | Decimal, "number")):
         if isinstance(value, kind):
             return name
     return "null" if value is None else type(value).__name__
@@ -125,7 +133,7 @@ def _check_messages(row: dict[str, Any], key: str) -> list[tuple[str, Any]]:
             _fail(f"{where} has no 'role'")
         if not isinstance(role, str) or role not in MESSAGE_ROLES:
             allowed = ", ".join(sorted(MESSAGE_ROLES))
-            _fail(f"{where} has the unknown role {json.dumps(role)}; use one of: {allowed}")
+            _fail(f"{where} has the unknown role {json.dumps(role, default=float)}; use one of: {allowed}")
         content = message.get("content", message.get("value"))
         if not isinstance(content, str | list):
             _fail(f"{where} needs a 'content' string, got {_json_type(content)}")
@@ -223,28 +231,162 @@ def _iter_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
             yield number, value
 
 
-def _iter_json_lines_fallback(text: str) -> Iterator[tuple[int, Any]]:
+# --- .json ---------------------------------------------------------------------------------------
+_JSON_WHITESPACE = b" \t\r\n"
+_CHUNK = 64 * 1024
+#: The most text the syntax-error locator holds at once (one record and what follows it).
+_LOCATE_WINDOW = 32 * 1024 * 1024
+
+
+def _first_symbol(handle: BinaryIO) -> bytes:
+    """The first byte of the file that is neither a byte order mark nor whitespace (b"" if none)."""
+    head = handle.read(len(codecs.BOM_UTF8)).removeprefix(codecs.BOM_UTF8)
+    while True:
+        stripped = head.lstrip(_JSON_WHITESPACE)
+        if stripped:
+            return stripped[:1]
+        head = handle.read(_CHUNK)
+        if not head:
+            return b""
+
+
+class _CheckedUtf8:
+    """A binary reader for ijson that checks the UTF-8 as it passes, so that a bad byte is reported
+    with its line as in the other file types, and that drops a leading byte order mark."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._newlines = 0
+        self._first = True
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        data = self._handle.read(size)
+        if self._first and data:
+            self._first = False
+            data = data.removeprefix(codecs.BOM_UTF8)
+        try:
+            self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:  # exc.object: the bytes held back from the last read + data
+            line = self._newlines + exc.object.count(b"\n", 0, exc.start) + 1
+            raise DatasetValidationError(line, _NOT_UTF8) from None
+        self._newlines += data.count(b"\n")
+        return data
+
+
+def _iter_json_array(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, record) for each record of a top-level JSON array, one at a time."""
+    number = 0
+    try:
+        for number, record in enumerate(ijson.items(_CheckedUtf8(handle), "item"), 1):
+            yield number, record
+    except ijson.JSONError as exc:
+        handle.seek(0)
+        error = _json_array_error(handle)
+        if error is None:  # what ijson refuses and Python's json reads (NaN, Infinity)
+            reason = str(exc).splitlines()[0].split(": ", 1)[-1] if str(exc) else "broken"
+            error = DatasetValidationError(number + 1, f"invalid JSON ({reason})", "row")
+        raise error from None
+
+
+class _TextWindow:
+    """Text read from a stream that is kept from a point on, with the line and column of that point."""
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self._stream = stream
+        self.text = ""
+        self.line = 1  # of text[0]
+        self.column = 0  # characters before text[0] on its line
+        self.eof = False
+
+    def extend(self) -> bool:
+        chunk = self._stream.read(_CHUNK)
+        self.eof = not chunk
+        self.text += chunk
+        return bool(chunk) and len(self.text) < _LOCATE_WINDOW
+
+    def skip_whitespace(self, index: int) -> int:
+        while True:
+            while index < len(self.text) and self.text[index] in " \t\r\n":
+                index += 1
+            if index < len(self.text) or not self.extend():
+                return index
+
+    def drop(self, count: int) -> None:
+        dropped, self.text = self.text[:count], self.text[count:]
+        newlines = dropped.count("\n")
+        self.line += newlines
+        self.column = count - dropped.rfind("\n") - 1 if newlines else self.column + count
+
+    def where(self, index: int) -> tuple[int, int]:
+        """Line and column (1-based, as ``json`` counts them) of ``text[index]``."""
+        newlines = self.text.count("\n", 0, index)
+        column = index - self.text.rfind("\n", 0, index) if newlines else self.column + index + 1
+        return self.line + newlines, column
+
+
+def _json_array_error(handle: BinaryIO) -> DatasetValidationError | None:
+    """The first syntax error of a .json array, at the line and in the words of Python's ``json``
+    (as when the file was read whole), or None if ``json`` reads it. Reads a record at a time: the
+    text from the start of the record where ``json`` fails is checked with an opening ``[`` (or
+    ``[0,`` after a comma) in front, which puts its parser in the state it would be in there."""
+    stream = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace", newline="")
+    try:
+        window = _TextWindow(stream)
+        window.drop(window.skip_whitespace(0) + 1)  # the opening "["
+        opener, decoder = "[", json.JSONDecoder()
+        while True:
+            index = window.skip_whitespace(0)
+            if opener == "[" and window.text[index : index + 1] == "]":
+                end = index
+            else:
+                try:
+                    _, end = decoder.raw_decode(window.text, index)
+                except json.JSONDecodeError as exc:
+                    cut_short = exc.pos >= len(window.text) - 16 or exc.msg.startswith("Unterminated string")
+                    if cut_short and not window.eof and window.extend():
+                        continue  # the record goes on past what was read: read more and try again
+                    break
+                end = window.skip_whitespace(end)
+            symbol = window.text[end : end + 1]
+            if symbol == ",":
+                window.drop(end + 1)
+                opener = "[0,"
+                continue
+            if symbol == "]" and window.skip_whitespace(end + 1) == len(window.text) and window.eof:
+                return None
+            break
+        try:
+            json.loads(opener + window.text)
+        except json.JSONDecodeError as exc:
+            line, column = window.where(exc.pos - len(opener))
+            return DatasetValidationError(line, f"invalid JSON ({exc.msg} at column {column})")
+        return None
+    finally:
+        stream.detach()
+
+
+def _iter_json_lines(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
     """Read a .json file whose top level is not an array as one JSON object per line."""
     try:
-        yield from _iter_jsonl(text.split("\n"))
+        yield from _iter_jsonl(_decoded_lines(handle))
     except DatasetValidationError as error:
-        try:
-            json.loads(text)
-        except ValueError:
-            raise error from None  # genuinely broken: report the line that failed
+        if error.reason == _NOT_UTF8 or not _is_one_json_value(handle):
+            raise  # genuinely broken: report the line that failed
         reason = "a .json file must hold a JSON array of records ([{...}, {...}]) or one JSON object per line"
         raise DatasetValidationError(None, reason) from None
 
 
-def _read_json(data: bytes) -> tuple[Iterable[tuple[int, Any]], str]:
-    """Return the records of a .json file and the unit ("row" or "line") used to number them."""
+def _is_one_json_value(handle: BinaryIO) -> bool:
+    handle.seek(0)
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise DatasetValidationError(data.count(b"\n", 0, exc.start) + 1, _NOT_UTF8) from None
-    if text.lstrip().startswith("["):
-        return enumerate(_parse_json(text), 1), "row"
-    return _iter_json_lines_fallback(text), "line"
+        for _event in ijson.basic_parse(_CheckedUtf8(handle)):
+            pass
+    except (ijson.JSONError, DatasetValidationError):
+        return False
+    return True
 
 
 class _LineTracker:
@@ -302,9 +444,10 @@ def _format_size(num_bytes: int) -> str:
 
 
 def _summarise(
-    rows: Iterable[tuple[int, Any]], file_type: str, unit: str, max_rows: int | None
+    rows: Iterable[tuple[int, Any]], file_type: str, unit: str, max_rows: int | None, max_columns: int | None
 ) -> DatasetInfo:
-    """Check every row and that all rows share the first row's format."""
+    """Check every row, that all rows share the first row's format and that, together, they have
+    at most ``max_columns`` different fields."""
     file_format: DatasetFormat | None = None
     count = 0
     columns: set[str] = set()
@@ -325,19 +468,26 @@ def _summarise(
             )
             raise DatasetValidationError(number, reason, unit)
         columns.update(row)
+        if max_columns is not None and len(columns) > max_columns:
+            reason = (
+                f"with this row the file has more than {max_columns:,} different fields (columns); "
+                f"a dataset may have at most {max_columns:,}"
+            )
+            raise DatasetValidationError(number, reason, unit)
     if file_format is None:
         raise DatasetValidationError(None, "the file contains no rows")
     return DatasetInfo(format=file_format, rows=count, file_type=file_type, columns=tuple(sorted(columns)))
 
 
 def validate_dataset_file(
-    path: Path, *, max_rows: int | None = None, max_bytes: int | None = None
+    path: Path, *, max_rows: int | None = None, max_bytes: int | None = None, max_columns: int | None = None
 ) -> DatasetInfo:
     """Validate a .jsonl, .json or .csv dataset file and return its format and row count.
 
-    .jsonl and .csv files are read line by line; .json files (a top-level array of objects,
-    or one object per line) are loaded whole. Raises ``DatasetValidationError`` for any
-    problem, and ``OSError`` if the file cannot be opened.
+    Every file is read as a stream, one row at a time: .jsonl and .csv line by line, a .json file
+    record by record (a top-level array of objects, read with ijson) or line by line (one object
+    per line). Raises ``DatasetValidationError`` for any problem, and ``OSError`` if the file
+    cannot be opened.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -347,10 +497,15 @@ def validate_dataset_file(
     file_type = suffix.removeprefix(".")
     if max_bytes is not None and path.stat().st_size > max_bytes:
         raise DatasetValidationError(None, f"the file is larger than {_format_size(max_bytes)}")
-    if suffix == ".json":
-        records, unit = _read_json(path.read_bytes())
-        return _summarise(records, file_type, unit, max_rows)
     with path.open("rb") as handle:
-        lines = _decoded_lines(handle)
-        rows = _iter_jsonl(lines) if suffix == ".jsonl" else _iter_csv(lines)
-        return _summarise(rows, file_type, "line", max_rows)
+        rows: Iterator[tuple[int, Any]]
+        unit = "line"
+        if suffix == ".json":
+            array = _first_symbol(handle) == b"["
+            handle.seek(0)
+            rows, unit = (_iter_json_array(handle), "row") if array else (_iter_json_lines(handle), "line")
+        elif suffix == ".jsonl":
+            rows = _iter_jsonl(_decoded_lines(handle))
+        else:
+            rows = _iter_csv(_decoded_lines(handle))
+        return _summarise(rows, file_type, unit, max_rows, max_columns)

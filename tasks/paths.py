@@ -8,11 +8,20 @@
 * Built-in models (``builtin:tiny-qwen2``, :mod:`tasks.builtin_models`) are local models the platform
   builds itself on first use, in ``FINETUNE_BUILTIN_MODELS_DIR``.
 * Hub ids (``Qwen/Qwen2.5-7B-Instruct``, ``AI-ModelScope/alpaca-gpt4-data-zh#500``) pass through
-  to swift after a strict syntax check (no URLs, no paths).
+  to swift after a strict syntax check (no URLs, no paths) and the trust policy below.
+
+**Code from the hub** (docs/security.md, C1). swift loads every hub model and dataset with
+``trust_remote_code=True``: a repository's Python runs on the worker. A hub id is therefore accepted
+only when its repository (``owner/name``; a dataset's ``:subset`` and ``#count`` do not count) matches
+one of the operator's globs, ``FINETUNE_HUB_MODELS`` / ``FINETUNE_HUB_DATASETS`` (case-sensitive,
+``*`` trusts every id), or when the user is trusted (:func:`accounts.services.account_hub_trusted`).
+:func:`check_hub_model` and :func:`check_hub_dataset` are the one place this rule lives; the task and
+deployment services and the launch of every task call them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -81,6 +90,55 @@ def is_hub_id(value: str) -> bool:
 def is_hub_dataset_id(value: str) -> bool:
     match = _HUB_DATASET.match(value)
     return bool(match) and ".." not in value
+
+
+def hub_repo(value: str) -> str:
+    """The repository of a hub model or dataset id: ``owner/name`` without ``:subset`` or ``#count``."""
+    match = _HUB_DATASET.match(value.strip())
+    return match.group("repo") if match else value.strip()
+
+
+def _allowed(repo: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(repo, pattern) for pattern in patterns)
+
+
+def hub_model_allowed(repo: str, *, trusted: bool) -> bool:
+    """Whether a hub model may be used: a trusted user may use any, others those matching
+    ``FINETUNE_HUB_MODELS``."""
+    return trusted or _allowed(hub_repo(repo), settings.FINETUNE_HUB_MODELS)
+
+
+def hub_dataset_allowed(repo: str, *, trusted: bool) -> bool:
+    """Whether a hub dataset may be used: a trusted user may use any, others those matching
+    ``FINETUNE_HUB_DATASETS``."""
+    return trusted or _allowed(hub_repo(repo), settings.FINETUNE_HUB_DATASETS)
+
+
+def _patterns_shown(patterns: list[str], *, limit: int = 8) -> str:
+    if not patterns:
+        return "none: it is empty"
+    shown = ", ".join(patterns[:limit])
+    return shown + (", …" if len(patterns) > limit else "")
+
+
+def _refusal(kind: str, repo: str, setting: str, patterns: list[str]) -> str:
+    return (f"Hub {kind} {repo!r} is not allowed on this platform: an operator allows hub {kind}s matching "
+            f"{setting} ({_patterns_shown(patterns)}), or marks your account trusted.")
+
+
+def check_hub_model(value: str, *, trusted: bool) -> None:
+    """Raise :class:`PathError` (the message names ``FINETUNE_HUB_MODELS``) unless the hub model
+    ``value`` may be used."""
+    if not hub_model_allowed(value, trusted=trusted):
+        raise PathError(_refusal("model", hub_repo(value), "FINETUNE_HUB_MODELS", settings.FINETUNE_HUB_MODELS))
+
+
+def check_hub_dataset(value: str, *, trusted: bool) -> None:
+    """Raise :class:`PathError` (the message names ``FINETUNE_HUB_DATASETS``) unless the hub dataset
+    ``value`` may be used."""
+    if not hub_dataset_allowed(value, trusted=trusted):
+        raise PathError(_refusal("dataset", hub_repo(value), "FINETUNE_HUB_DATASETS",
+                                 settings.FINETUNE_HUB_DATASETS))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from core.live import publish_many
+from core.live.publish import publish_many
 from core.swift_cli.output import MetricPoint, json_safe
 from gpus.outage import Backoff, database_failed
 from gpus.workloads import Fenced

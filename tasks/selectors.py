@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -46,6 +47,22 @@ def task_log_lines(*, task: FinetuningTask, after: int = 0, limit: int = 1000) -
     return list(TaskLogLine.objects.filter(task=task, seq__gt=after).order_by("seq")[:limit])
 
 
+def task_log_page(
+    *, task: FinetuningTask | int, after: int = 0, limit: int = 1000, max_chars: int = 1024 * 1024
+) -> tuple[list[TaskLogLine], bool]:
+    """At most ``limit`` log lines after ``after`` holding at most ``max_chars`` characters of text (at
+    least one line), read in batches; and whether lines after them were left out."""
+    lines: list[TaskLogLine] = []
+    chars = 0
+    rows = TaskLogLine.objects.filter(task=task, seq__gt=after).order_by("seq")[: limit + 1]
+    for line in rows.iterator(chunk_size=500):
+        if len(lines) == limit or (lines and chars + len(line.text) > max_chars):
+            return lines, True
+        lines.append(line)
+        chars += len(line.text)
+    return lines, False
+
+
 def task_metric_points(*, task: FinetuningTask, after_step: int = 0) -> QuerySet[TaskMetric]:
     return TaskMetric.objects.filter(task=task, step__gt=after_step).order_by("step", "kind")
 
@@ -55,8 +72,15 @@ def task_log_tail(*, task: FinetuningTask, lines: int = 40) -> list[TaskLogLine]
     return task_log_lines(task=task, after=max(0, task.last_log_seq - lines), limit=lines)
 
 
-def task_events(*, task: FinetuningTask) -> QuerySet[TaskEvent]:
-    return TaskEvent.objects.filter(task=task).order_by("created_at", "id")
+def task_events(*, task: FinetuningTask, after_id: int = 0) -> QuerySet[TaskEvent]:
+    return TaskEvent.objects.filter(task=task, pk__gt=after_id).order_by("created_at", "id")
+
+
+def task_events_latest(*, task: FinetuningTask, limit: int) -> tuple[list[TaskEvent], int]:
+    """The task's last ``limit`` events, oldest first, and how many it has in all."""
+    events = list(TaskEvent.objects.filter(task=task).order_by("-created_at", "-id")[:limit])[::-1]
+    total = len(events) if len(events) < limit else TaskEvent.objects.filter(task=task).count()
+    return events, total
 
 
 def dataset_list(*, user: Any) -> QuerySet[Dataset]:
@@ -99,7 +123,9 @@ def _is_dataset_id(spec: Any) -> bool:
 def dataset_find(*, user: Any, ref: str) -> Dataset | None:
     """A dataset of the user's by id or by exact name (the seed API's ``datasetPath``)."""
     qs = Dataset.objects.filter(owner=user)
-    if ref.isdigit():
+    if "\x00" in ref:
+        return None  # no name holds one (and PostgreSQL refuses it in a query)
+    if re.fullmatch(r"[0-9]{1,18}", ref):  # ASCII digits only: "²".isdigit() is true, int("²") fails
         return qs.filter(pk=int(ref)).first()
     return qs.filter(name=ref).order_by("-created_at").first()
 
@@ -132,9 +158,17 @@ def task_metrics_after(*, task: FinetuningTask | int, after_id: int = 0, limit: 
     return list(TaskMetric.objects.filter(task=task, pk__gt=after_id).order_by("pk")[:limit])
 
 
+#: Events a live page is sent when it connects (the newest; older ones are in the events API).
+LIVE_EVENTS_ON_CONNECT = 500
+
+
 def task_events_after(*, task: FinetuningTask | int, after_id: int = 0) -> list[TaskEvent]:
-    """Lifecycle events recorded after the event with id ``after_id``."""
-    return list(TaskEvent.objects.filter(task=task, pk__gt=after_id).order_by("pk"))
+    """Lifecycle events recorded after the event with id ``after_id``, oldest first. From the start
+    (``after_id`` 0) only the newest :data:`LIVE_EVENTS_ON_CONNECT`: a page keeps no more."""
+    events = TaskEvent.objects.filter(task=task, pk__gt=after_id)
+    if after_id <= 0:
+        return list(reversed(events.order_by("-pk")[:LIVE_EVENTS_ON_CONNECT]))
+    return list(events.order_by("pk"))
 
 
 def task_checkpoints(*, task: FinetuningTask) -> list[str]:
@@ -182,9 +216,16 @@ def _timed_inventory() -> list[TimedHost]:
     return hosts
 
 
-def queue_entries(*, user: Any) -> list[QueueEntry]:
-    """Every waiting (``pending``) task in the order the dispatcher considers them, with an
-    estimated start from the running tasks' ETAs (``None`` when it depends on work without one).
+def _waiting() -> QuerySet[FinetuningTask]:
+    return FinetuningTask.objects.filter(
+        status=TaskStatus.PENDING, run__stop_requested_at__isnull=True, delete_requested_at__isnull=True
+    )
+
+
+def queue_entries(*, user: Any, limit: int | None = None) -> list[QueueEntry]:
+    """Every waiting (``pending``) task in the order the dispatcher considers them (the first
+    ``limit``), with an estimated start from the running tasks' ETAs (``None`` when it depends on
+    work without one).
 
     The estimate walks the queue in order: each task takes the resources that free up first
     among those it can use, and keeps them (its own run time is unknown). Held tasks keep their
@@ -193,9 +234,9 @@ def queue_entries(*, user: Any) -> list[QueueEntry]:
     now = timezone.now()
     hosts = _timed_inventory()
     entries: list[QueueEntry] = []
-    waiting = FinetuningTask.objects.filter(
-        status=TaskStatus.PENDING, run__stop_requested_at__isnull=True, delete_requested_at__isnull=True
-    ).queue_order().select_related("owner", "run")
+    waiting = _waiting().queue_order().select_related("owner", "run")
+    if limit is not None:
+        waiting = waiting[:limit]
     for position, task in enumerate(waiting, start=1):
         request = Request.from_task(task.gpu_config or {}, task.memory_estimate_gb)
         visible = bool(getattr(user, "is_staff", False) or task.owner_id == getattr(user, "pk", None))
@@ -220,6 +261,23 @@ def queue_entries(*, user: Any) -> list[QueueEntry]:
     return entries
 
 
+class QueuePages:
+    """The queue as a sequence a paginator counts and slices: a slice computes the entries up to its
+    end only (an entry's estimate depends on those in front of it), not the whole queue."""
+
+    def __init__(self, *, user: Any) -> None:
+        self.user = user
+
+    def count(self) -> int:
+        return _waiting().count()
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __getitem__(self, key: slice) -> list[QueueEntry]:
+        return queue_entries(user=self.user, limit=key.stop)[key]
+
+
 # --- checkpoints and exports (issue 5) -------------------------------------------------------------
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 _RUN_FOLDER = re.compile(r"v\d+-\d{8}-\d{6}")
@@ -234,7 +292,27 @@ class Checkpoint:
     step: int
     run: str  #: "" for the first run (the output folder), else the resumed run's folder (v0-…)
     saved_at: datetime
-    size_bytes: int
+
+    @property
+    def size_bytes(self) -> int:
+        """The folder's size, measured when asked for (see :func:`checkpoint_size`)."""
+        return checkpoint_size(self.path)
+
+
+def checkpoint_size(path: str) -> int:
+    """A checkpoint folder's size in bytes. A complete checkpoint does not change (the trainer writes
+    its ``trainer_state.json`` last), so its size is remembered, per process, by that file's time:
+    pages and API reads do not walk the same folders again. One still being written is walked."""
+    try:
+        written = (Path(path) / "trainer_state.json").stat().st_mtime_ns
+    except OSError:
+        return folder_size(Path(path))
+    return _complete_checkpoint_size(path, written)
+
+
+@functools.lru_cache(maxsize=4096)
+def _complete_checkpoint_size(path: str, written: int) -> int:
+    return folder_size(Path(path))
 
 
 def run_folders(output: Path) -> list[Path]:
@@ -275,7 +353,7 @@ def task_checkpoint_list(*, task: FinetuningTask) -> list[Checkpoint]:
             found.append(Checkpoint(
                 path=str(child.resolve()), name=child.name, step=int(match.group(1)),
                 run="" if folder == output else folder.name,
-                saved_at=datetime.fromtimestamp(mtime, tz=UTC), size_bytes=folder_size(child),
+                saved_at=datetime.fromtimestamp(mtime, tz=UTC),
             ))
     return sorted(found, key=lambda c: (c.step, c.saved_at, c.path))
 

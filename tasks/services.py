@@ -17,6 +17,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from accounts.services import account_hub_trusted
 from core.errors import ServiceValidationError
 from core.swift_cli.estimate import estimate_memory_gb
 from core.swift_cli.training_args import TrainingArgsError, validate_training_args
@@ -25,7 +26,7 @@ from gpus.placement import Request, impossible_reason
 from gpus.scheduler import run_requeue
 from gpus.selectors import inventory_snapshot
 from gpus.services import run_create, run_set_queue_fields, run_stop, runs_delete
-from tasks.command import normalize_gpu_config, validate_dataset_specs
+from tasks.command import normalize_gpu_config, task_hub_refusals, validate_dataset_specs
 from tasks.dataset_formats import DatasetFormat, DatasetValidationError, validate_dataset_file
 from tasks.models import (
     ACTIVE_EXPORT_STATUSES,
@@ -41,10 +42,11 @@ from tasks.models import (
     TaskType,
     TrainType,
 )
-from tasks.paths import PathError, datasets_dir, is_within, resolve_model, task_dir
+from tasks.paths import PathError, check_hub_model, datasets_dir, is_within, resolve_model, task_dir
 from tasks.presets import PresetError, get_preset
 from tasks.publisher import broadcast, publish_event
 from tasks.selectors import Checkpoint, task_checkpoint_default, task_checkpoint_list
+from tasks.uploads import dataset_limit_bytes, too_large_message
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +105,16 @@ def finetuning_task_create(
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
         errors["priority"] = _("must be a whole number from 0 to 10 (larger runs first)")
     model = None
+    hub_trusted = account_hub_trusted(user=owner)  # hub code runs on the workers (docs/security.md, C1)
     try:
         model = resolve_model(base_model)
+        if model.source == "hub":
+            check_hub_model(model.argument, trusted=hub_trusted)
     except PathError as exc:
         errors["base_model"] = str(exc)
     clean_datasets: list[Any] = []
     try:
-        clean_datasets = validate_dataset_specs(owner.pk, datasets)
+        clean_datasets = validate_dataset_specs(owner.pk, datasets, hub_trusted=hub_trusted)
     except PathError as exc:
         errors["datasets"] = str(exc)
     args: dict[str, Any] = {}
@@ -352,7 +357,7 @@ def _checkpoint_for(task: FinetuningTask, value: Any, *, checkpoints: list[Check
     steps = ", ".join(str(s) for s in sorted({c.step for c in checkpoints}))
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ServiceValidationError({"checkpoint": _("give a step number or a checkpoint folder of this task")})
-    if isinstance(value, int) or value.strip().isdigit():
+    if isinstance(value, int) or re.fullmatch(r"[0-9]{1,18}", value.strip()):  # not str.isdigit: "²"
         step = int(value)
         matching = [c for c in checkpoints if c.step == step]
         if not matching:
@@ -389,6 +394,9 @@ def finetuning_task_resume(*, task: FinetuningTask, checkpoint: Any = None) -> F
     if task.status not in RESUMABLE_STATUSES:
         raise ServiceValidationError({"status": _("the task is %(status)s; only a stopped or failed task can be "
                                                   "resumed") % {"status": task.status}})
+    refused = task_hub_refusals(task)  # the owner's trust or the allow-lists may have changed since
+    if refused:
+        raise ServiceValidationError(refused)
     found = _checkpoint_for(task, checkpoint)
     if not (Path(found.path) / "trainer_state.json").is_file():
         raise ServiceValidationError({"checkpoint": _("%(name)s is incomplete (it has no trainer_state.json, "
@@ -434,6 +442,9 @@ def task_export_create(*, task: FinetuningTask, checkpoint: Any = None) -> TaskE
                                                       "models already, there are no LoRA adapters to merge")})
     if task.delete_requested_at is not None:
         raise ServiceValidationError({"task": _("the task is being deleted")})
+    refused = task_hub_refusals(task).get("base_model")  # the merge loads the base model again
+    if refused:
+        raise ServiceValidationError({"base_model": refused})
     found = _checkpoint_for(task, checkpoint)
     if not (Path(found.path) / "trainer_state.json").is_file():
         # The trainer writes trainer_state.json last: without it the folder is still being written
@@ -525,10 +536,10 @@ def dataset_create(
     if suffix not in (".jsonl", ".json", ".csv"):
         raise ServiceValidationError({"file": _("unsupported file type '%(suffix)s': upload .jsonl, .json or .csv")
                                       % {"suffix": suffix or original}})
-    limit = settings.FINETUNE_MAX_DATASET_MB * 1024 * 1024
+    # The upload views stop a larger file while it streams in (tasks.uploads); this covers the rest.
+    limit = dataset_limit_bytes()
     if upload.size is not None and upload.size > limit:
-        raise ServiceValidationError({"file": _("the file is larger than %(mb)s MB")
-                                      % {"mb": settings.FINETUNE_MAX_DATASET_MB}})
+        raise ServiceValidationError({"file": too_large_message()})
     name = (name or "").strip() or Path(original).stem
     if len(name) > 200:
         raise ServiceValidationError({"name": _("at most 200 characters")})
@@ -543,7 +554,7 @@ def dataset_create(
         with partial.open("wb") as handle:
             for chunk in upload.chunks():
                 handle.write(chunk)
-        info = validate_dataset_file(partial, max_bytes=limit)
+        info = validate_dataset_file(partial, max_bytes=limit, max_columns=settings.FINETUNE_MAX_DATASET_COLUMNS)
     except DatasetValidationError as exc:
         partial.unlink(missing_ok=True)
         raise ServiceValidationError({"file": str(exc)}) from None

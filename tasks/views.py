@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from core.errors import ServiceValidationError
@@ -25,12 +26,17 @@ from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
 from tasks.models import EventKind, FinetuningTask, TaskStatus, TaskType
 from tasks.presets import Preset, all_presets
+from tasks.uploads import DatasetUploadLimit, too_large_message
 
 PAGE_SIZE = 20
 #: The detail page asks its socket for this many of the last log lines (the full log is a download).
 LOG_TAIL = 5000
 #: A failed task's error box keeps this many of the last log lines one click away.
 ERROR_TAIL_LINES = 40
+#: The detail page shows this many of the last events (all of them: the API's paginated events).
+EVENTS_SHOWN = 100
+#: ... and this many of the newest checkpoints, unless asked for all (``?checkpoints=all``).
+CHECKPOINTS_SHOWN = 10
 
 
 def _status_labels() -> dict[str, str]:
@@ -194,11 +200,16 @@ def _task_cards_context(request: HttpRequest, task: FinetuningTask) -> dict[str,
     error_tail = ""
     if task.error_message:
         error_tail = "\n".join(line.text for line in selectors.task_log_tail(task=task, lines=ERROR_TAIL_LINES))
+    # Sizes are measured for the checkpoints shown only (and remembered: selectors.checkpoint_size).
+    checkpoints = selectors.task_checkpoint_list(task=task)
+    all_checkpoints = request.GET.get("checkpoints") == "all"
     return {
         "task": task,
         "cards_rev": cards_rev,
         "datasets": selectors.task_dataset_refs(user=request.user, task=task),
-        "checkpoints": selectors.task_checkpoint_list(task=task),
+        "checkpoints": checkpoints if all_checkpoints else checkpoints[-CHECKPOINTS_SHOWN:],
+        "checkpoint_count": len(checkpoints),
+        "all_checkpoints": all_checkpoints,
         "exports": list(selectors.task_export_list(task=task)),
         "error_tail": error_tail,
     }
@@ -209,9 +220,12 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """Status, progress, charts, the live log, events, command and outputs of one task."""
     task = selectors.finetuning_task_get(user=request.user, pk=pk)
     tail_after = max(0, task.last_log_seq - LOG_TAIL)
+    events, event_count = selectors.task_events_latest(task=task, limit=EVENTS_SHOWN)
     context = {
         **_task_cards_context(request, task),
-        "events": list(selectors.task_events(task=task)),
+        "events": events,
+        "event_count": event_count,
+        "events_url": reverse("task-events", args=[task.pk]),
         "tail_after": tail_after,
         "live_labels": _live_labels(),
         "initial_state": task_state(task),
@@ -300,12 +314,22 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "tasks/dataset_detail.html", {"dataset": dataset})
 
 
+@csrf_exempt  # checked by _dataset_upload: the check reads request.POST, after the limit is in place
 @login_required
 @require_http_methods(["GET", "POST"])
 def dataset_upload(request: HttpRequest) -> HttpResponse:
-    """Upload a dataset; a broken file is refused with the line number and the reason next to the input."""
+    """Upload a dataset; a broken file is refused with the line number and the reason next to the input,
+    one over the size limit as soon as it passes it (``tasks.uploads``)."""
+    return _dataset_upload(request, DatasetUploadLimit.install(request))
+
+
+@csrf_protect
+def _dataset_upload(request: HttpRequest, limit: DatasetUploadLimit) -> HttpResponse:
     form = DatasetUploadForm(request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    if limit.refused:
+        form.is_valid()
+        form.errors["file"] = form.error_class([too_large_message()])  # not "This field is required."
+    elif request.method == "POST" and form.is_valid():
         try:
             dataset = services.dataset_create(
                 owner=request.user,

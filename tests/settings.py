@@ -24,3 +24,6 @@ os.environ.setdefault("CHANNELS_PREFIX", f"ftp-test-{os.getpid()}")
 (_root / "models").mkdir(parents=True, exist_ok=True)
 
 from finetune_platform.settings import *  # noqa: E402, F403
+
+# The test client's host (pytest-django adds it as well); a deployment's default never includes it.
+ALLOWED_HOSTS = [*ALLOWED_HOSTS, "testserver"]  # noqa: F405

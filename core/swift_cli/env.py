@@ -1,5 +1,11 @@
 """The environment every ``swift`` process starts with, built from scratch: only an allow-list of
-the worker's variables is inherited (plus ``FINETUNE_ENV_PASSTHROUGH``)."""
+the worker's variables is inherited (plus ``FINETUNE_ENV_PASSTHROUGH``).
+
+The operator's hub tokens (``HF_TOKEN``, ``MODELSCOPE_API_TOKEN``) are inherited only when
+``FINETUNE_HUB_TOKENS`` is on: a job runs code from the hub, and what it can read it can send away
+(docs/security.md, C1). Naming them in ``FINETUNE_ENV_PASSTHROUGH`` passes them anyway: that list is
+the operator's explicit choice.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +26,17 @@ class LaunchError(Exception):
 INHERITED_ENV = (
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH",
     "CUDA_HOME", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-    "HF_TOKEN", "HF_ENDPOINT", "MODELSCOPE_API_TOKEN", "MODELSCOPE_DOMAIN", "NCCL_*",
+    "HF_ENDPOINT", "MODELSCOPE_DOMAIN", "NCCL_*",
 )
+
+#: The operator's hub credentials: inherited only when ``FINETUNE_HUB_TOKENS`` is on (gated models).
+HUB_TOKEN_ENV = ("HF_TOKEN", "MODELSCOPE_API_TOKEN")
+
 
 def _inherit(names: Iterable[str]) -> dict[str, str]:
     patterns = list(names) + list(settings.FINETUNE_ENV_PASSTHROUGH)
+    if settings.FINETUNE_HUB_TOKENS:
+        patterns += HUB_TOKEN_ENV
     return {
         key: value
         for key, value in os.environ.items()

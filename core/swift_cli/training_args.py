@@ -43,6 +43,8 @@ class ArgSpec:
     aliases: tuple[str, ...] = field(default=())
     #: swift reads a value ending in this suffix as the path of a file to open (``system``: ``.txt``);
     #: such a value is refused, or a user could have a file of the worker copied into their log.
+    #: Compared without case and surrounding blanks, a little wider than swift's own test. Every
+    #: allow-listed argument swift may open is listed in docs/security.md ("Arguments that read files").
     file_suffix: str = ""
 
 
@@ -165,7 +167,7 @@ def _check_text(spec: ArgSpec, value: Any) -> str:
         raise ValueError(f"must be at most {spec.max_length} characters")
     if spec.kind == "name" and not _NAME.match(value):
         raise ValueError("may contain only letters, digits, '_', '.', and '-'")
-    if spec.file_suffix and value.endswith(spec.file_suffix):
+    if spec.file_suffix and value.strip().lower().endswith(spec.file_suffix.lower()):
         raise ValueError(f"must not end in '{spec.file_suffix}': swift would open it as the path of a file; "
                          "write the text itself")
     return value

@@ -2,28 +2,53 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
+from core.api import JsonSerializer, json_field
+from core.query import QuerySerializer
 from deployments.models import Deployment, DeploymentLogLine, InferenceBackend
+from tasks.api.serializers import GPU_CONFIG_SCHEMA, MAX_CURSOR, gpu_config_cpu_is_boolean
+
+#: A path whose folder names a file system takes (at most 255 characters each; a longer one is an
+#: error of the file system, not a folder that is missing).
+_FOLDER_NAMES = RegexValidator(r"^/?(?:[^/]{0,255}/)*[^/]{1,255}/?$",
+                               "a folder name in the path is longer than 255 characters")
 
 
-class DeploymentCreateSerializer(serializers.Serializer):
+_SERVED_MODEL_NAME = RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,99}$", "use 1-100 letters, digits, '_', '.', "
+                                    "':' or '-', starting with a letter or digit")
+
+
+class DeploymentCreateSerializer(JsonSerializer):
     """Serve a task's checkpoint (``task``, optional ``checkpoint`` and ``merged``) or a local model
     (``model``). The service checks everything else and names the field it refuses."""
+
+    #: One of the two sources (``core.api.AutoSchema`` writes it as anyOf; both at once is a 400).
+    schema_any_of = [
+        {"required": ["task"], "properties": {"task": {"type": "integer", "nullable": False}}},
+        {"required": ["model"], "properties": {"model": {"minLength": 1}}},
+    ]
 
     name = serializers.CharField(max_length=200)
     task = serializers.IntegerField(required=False, allow_null=True, help_text="Id of one of your tasks.")
     checkpoint = serializers.CharField(required=False, allow_blank=True, max_length=1000,
+                                       validators=[_FOLDER_NAMES],
                                        help_text="A checkpoint folder of the task (default: its last one).")
     merged = serializers.BooleanField(required=False, default=False,
                                       help_text="Serve the checkpoint's merged model (<checkpoint>-merged).")
     model = serializers.CharField(required=False, allow_blank=True, max_length=1000,
                                   help_text="A local model folder inside an allowed model root.")
     backend = serializers.ChoiceField(choices=InferenceBackend.choices, default=InferenceBackend.TRANSFORMERS)
-    gpu_config = serializers.JSONField(required=False, help_text='{"count": N}, {"devices": "0"} or {"cpu": true}')
-    deploy_args = serializers.JSONField(required=False, help_text="Allow-listed swift deploy arguments.")
-    served_model_name = serializers.CharField(required=False, allow_blank=True, max_length=100,
-                                              help_text="The model name clients send (default: from the name).")
+    gpu_config = json_field(GPU_CONFIG_SCHEMA, required=False, validators=[gpu_config_cpu_is_boolean])
+    deploy_args = json_field({
+        "type": "object", "additionalProperties": True,
+        "description": "Allow-listed swift deploy arguments, name → value: GET /api/deployments/options/ lists them.",
+    }, required=False)
+    served_model_name = serializers.CharField(
+        required=False, allow_blank=True, max_length=100, validators=[_SERVED_MODEL_NAME],
+        help_text="The model name clients send (default: from the name).",
+    )
 
 
 class DeploymentSerializer(serializers.ModelSerializer):
@@ -69,9 +94,11 @@ class DeploymentLogPageSerializer(serializers.Serializer):
     status = serializers.CharField(help_text="The deployment's status now.")
 
 
-class DeploymentLogQuerySerializer(serializers.Serializer):
-    after = serializers.IntegerField(required=False, min_value=0, default=0)
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000)
+class DeploymentLogQuerySerializer(QuerySerializer):
+    after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_CURSOR, default=0,
+                                     help_text="Return lines with seq greater than this.")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000,
+                                     help_text="At most this many lines (default 1000).")
 
 
 def create_kwargs(data: dict[str, Any]) -> dict[str, Any]:

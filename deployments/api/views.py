@@ -6,17 +6,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.db.models import QuerySet
 from django_filters import rest_framework as filters
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import extend_schema, extend_schema_field
+from rest_framework import mixins, parsers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.filters import OrderingFilter, SearchFilter
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.api import LOOKUP_VALUE_REGEX
+from core.query import FilterSet, OrderingFilter, SearchFilter
 from deployments import selectors, services
 from deployments.api.serializers import (
     DeploymentCreateSerializer,
@@ -27,15 +29,23 @@ from deployments.api.serializers import (
 )
 from deployments.command import available_backends, deploy_args_catalogue
 from deployments.models import Deployment, DeploymentSource, DeploymentStatus, InferenceBackend
+from tasks.api.serializers import MAX_CURSOR
 
 
-class DeploymentFilter(filters.FilterSet):
+class _WholeNumberFilter(filters.NumberFilter):
+    """An id: a whole number within the database's integers (a larger one would overflow it)."""
+
+    field_class = forms.IntegerField
+
+
+class DeploymentFilter(FilterSet):
     status = filters.ChoiceFilter(choices=DeploymentStatus.choices)
     backend = filters.ChoiceFilter(choices=InferenceBackend.choices)
     source = filters.ChoiceFilter(choices=DeploymentSource.choices)
     # A number, not a choice among every task: another user's task id and a task that does not exist
     # must answer alike (an empty list), or the filter would tell which task ids exist (review L4).
-    task = filters.NumberFilter(field_name="task_id")
+    task = extend_schema_field({"type": "integer", "minimum": 1, "maximum": MAX_CURSOR})(
+        _WholeNumberFilter(field_name="task_id", min_value=1, max_value=MAX_CURSOR))
 
     class Meta:
         model = Deployment
@@ -60,6 +70,9 @@ class DeploymentViewSet(
     client at its ``endpoint`` using your API token as the key."""
 
     serializer_class = DeploymentSerializer
+    lookup_value_regex = LOOKUP_VALUE_REGEX
+    # JSON only: gpu_config and deploy_args are JSON values, which a form cannot carry as described.
+    parser_classes = [parsers.JSONParser]
     filter_backends = [filters.DjangoFilterBackend, SearchFilter, OrderingFilter]
     filterset_class = DeploymentFilter
     search_fields = ["name", "served_model_name"]
@@ -86,13 +99,7 @@ class DeploymentViewSet(
         deployment = stop_and_wait(self.get_object())
         return Response(self.get_serializer(deployment).data)
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("after", int, description="Return lines with seq greater than this."),
-            OpenApiParameter("limit", int, description="At most this many lines (1-5000, default 1000)."),
-        ],
-        responses={200: DeploymentLogPageSerializer},
-    )
+    @extend_schema(parameters=[DeploymentLogQuerySerializer], responses={200: DeploymentLogPageSerializer})
     @action(detail=True, methods=["get"])
     def logs(self, request: Request, pk: str | None = None) -> Response:
         """Log lines after ``after``, in order, with contiguous sequence numbers."""

@@ -10,6 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from core.api import LOOKUP_VALUE_REGEX
 from gpus import selectors, services
 from gpus.models import Gpu, Host
 
@@ -76,6 +77,7 @@ class GpuViewSet(viewsets.ReadOnlyModelViewSet):
     offline) and the task holding it. ``GET /api/gpus/hosts/`` lists hosts and their CPU slots."""
 
     serializer_class = GpuSerializer
+    lookup_value_regex = LOOKUP_VALUE_REGEX
     queryset = Gpu.objects.none()
     pagination_class = None
 

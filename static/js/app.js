@@ -63,6 +63,21 @@
     },
   };
 
+  /** A plain notice at the top of the page about its live updates; null removes it. */
+  function liveNotice(text) {
+    let node = document.querySelector("[data-live-notice]");
+    if (!text) { if (node) node.remove(); return; }
+    if (!node) {
+      node = document.createElement("div");
+      node.className = "flash flash-warning";
+      node.setAttribute("role", "status");
+      node.setAttribute("data-live-notice", "");
+      const main = document.querySelector("main") || document.body;
+      main.insertBefore(node, main.firstChild);
+    }
+    node.textContent = text;
+  }
+
   /** A WebSocket to `path` that reconnects with exponential backoff (0.5 s … 15 s, jittered).
    *  `params()` gives the query string for each (re)connection, e.g. the last sequence held. */
   FTP.LiveSocket = function (path, options) {
@@ -86,6 +101,8 @@
       self.ws = ws;
       ws.onopen = function () {
         delay = 500;
+        // Cleared once the socket stays open (one past the cap is opened, then closed with 4429).
+        window.setTimeout(function () { if (ws.readyState === WebSocket.OPEN) liveNotice(null); }, 1000);
         options.onStatus && options.onStatus("connected");
         options.onOpen && options.onOpen();
       };
@@ -94,8 +111,13 @@
         try { message = JSON.parse(event.data); } catch (e) { return; }
         options.onMessage(message);
       };
-      ws.onclose = function () {
+      ws.onclose = function (event) {
         if (stopped) return;
+        if (event.code === 4429) {
+          // Too many live pages of this account are open (FINETUNE_MAX_SOCKETS_PER_USER): say so, retry slowly.
+          liveNotice(labels().too_many || "Too many pages with live updates are open. Close some tabs; this page will try again.");
+          delay = 15000;
+        }
         options.onStatus && options.onStatus("reconnecting");
         const wait = delay * (0.75 + Math.random() * 0.5);
         delay = Math.min(delay * 2, 15000);

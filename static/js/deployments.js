@@ -125,6 +125,7 @@
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
+      let cutShort = "";  // the gateway's final error event (answer too long, token revoked, …)
       for (;;) {
         const part = await reader.read();
         if (part.done) break;
@@ -139,6 +140,7 @@
             if (!data || data === "[DONE]") return;
             try {
               const chunk = JSON.parse(data);
+              if (chunk.error && chunk.error.message) { cutShort = chunk.error.message; return; }
               const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
               if (delta && delta.content) content += delta.content;
             } catch (e) { /* a partial or foreign line */ }
@@ -148,6 +150,7 @@
         }
       }
       answer.textContent = content;
+      if (cutShort) throw new Error((content ? content + "\n\n" : "") + cutShort);
       history.push({ role: "assistant", content: content });
     } catch (error) {
       answer.className = "msg msg-error";

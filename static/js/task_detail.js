@@ -210,11 +210,16 @@
   const timeline = document.getElementById("events");
   const seenEvents = new Set();
   timeline.querySelectorAll("li[data-key]").forEach(function (li) { seenEvents.add(li.dataset.key); });
+  // The page shows the latest events only (data-since: the oldest it shows); the socket's catch-up
+  // sends every event, and the older ones stay out. New ones are added, the oldest dropped past a cap.
+  const eventsSince = timeline.dataset.since ? Date.parse(timeline.dataset.since) : NaN;
+  const MAX_DOM_EVENTS = 500;
 
   function addEvents(events) {
     events.forEach(function (event) {
       const key = event.kind + "|" + event.time + "|" + event.message;
       if (seenEvents.has(key)) return;
+      if (event.time && Date.parse(event.time) < eventsSince) return;
       seenEvents.add(key);
       const placeholder = timeline.querySelector("[data-events-empty]");
       if (placeholder) placeholder.remove();
@@ -231,6 +236,8 @@
       li.append(time, " ", strong, " ", span);
       timeline.appendChild(li);
     });
+    let extra = timeline.childElementCount - MAX_DOM_EVENTS;
+    while (extra-- > 0) timeline.firstElementChild.remove();
   }
 
   // --- the cards that follow the task: server-rendered, fetched when the socket says they changed ---------

@@ -8,6 +8,8 @@ from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from core.api import JsonSerializer, described_field, json_field
+from core.query import QuerySerializer
 from gpus.selectors import run_gpu_memory_usage
 from tasks.models import (
     Dataset,
@@ -19,20 +21,84 @@ from tasks.models import (
     TaskType,
     TrainType,
 )
+from tasks.presets import all_presets
+
+#: GPUs by index or UUID, comma-separated ("" names none).
+_GPU = r"(?:\d{1,3}|GPU-[0-9a-fA-F-]{8,64})"
+_DEVICES = {"type": "string", "pattern": f"^(?:{_GPU}(?:,{_GPU})*)?$"}
+#: ``gpu_config`` of a task or a deployment, as ``normalize_gpu_config`` reads it. (Which keys go
+#: together is said in words: devices or count, not both; cpu with neither.)
+GPU_CONFIG_SCHEMA = {
+    "type": "object",
+    "description": 'Where it runs: {"count": N} GPUs, {"devices": "0,1"} (indices or UUIDs) or {"cpu": true}; '
+                   "optionally min_memory_gb per GPU. Empty or left out: the default.",
+    "properties": {
+        "devices": {"anyOf": [{**_DEVICES, "nullable": True}, {"type": "integer", "minimum": 0, "maximum": 999},
+                              {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}],
+                    "description": 'GPU indices or UUIDs: "0,1", 0 or ["0", "1"]; null or "": none named.'},
+        # Read only when devices is absent (then like devices), in this order.
+        "cuda_visible_devices": {"description": "The seed's spelling of devices."},
+        "gpu_id": {"description": "The seed's spelling of devices."},
+        "gpu_ids": {"description": "The seed's spelling of devices."},
+        "count": {"type": "integer", "minimum": 1, "maximum": 64},
+        "cpu": {"type": "boolean", "nullable": True},
+        "min_memory_gb": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 4096,
+                          "nullable": True},
+    },
+    "additionalProperties": False,
+}
+#: A preset's name ("" or left out: none). The service names the presets in its refusal.
+PRESET_SCHEMA = {"type": "string", "enum": [*(p.name for p in all_presets()), ""],
+                 "description": "A preset's name (GET /api/finetuning/presets/); empty or left out: none."}
+def gpu_config_cpu_is_boolean(value: Any) -> None:
+    """``cpu`` is true, false or null, as the schema says (the service would read 0 as false)."""
+    if isinstance(value, dict) and value.get("cpu") is not None and not isinstance(value["cpu"], bool):
+        raise serializers.ValidationError("cpu must be true or false")
 
 
-class TaskCreateSerializer(serializers.Serializer):
-    """Create a task from scratch, or from a preset (then only ``preset`` is required)."""
+#: What ``datasets`` names: an uploaded dataset's id, a hub dataset id or a built-in dataset.
+_DATASET_REF = {"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1}]}
+_DATASETS_SCHEMA = {
+    "anyOf": [_DATASET_REF["anyOf"][0], _DATASET_REF["anyOf"][1],
+              {"type": "array", "items": _DATASET_REF, "minItems": 1, "maxItems": 32}],
+    "description": 'Uploaded dataset ids and/or hub dataset ids ("owner/name", optionally "#N" samples) or '
+                   '"builtin:<name>": one, or a list of up to 32.',
+}
+_TRAINING_ARGS_SCHEMA = {
+    "type": "object",
+    "description": "Allow-listed swift training arguments, name → value: GET /api/finetuning/training-args/ lists "
+                   "them with their types and ranges.",
+    "additionalProperties": True,
+}
 
-    preset = serializers.CharField(required=False, allow_blank=True, max_length=64)
+
+_NOT_BLANK = {"type": "string", "pattern": r"\S"}
+
+
+class TaskCreateSerializer(JsonSerializer):
+    """Create a task from scratch (``name``, ``base_model`` and ``datasets`` required), or from a
+    preset (then only ``preset`` is required)."""
+
+    #: Either a preset or the three fields a task needs (``core.api.AutoSchema`` writes it as anyOf).
+    schema_any_of = [
+        {"required": ["preset"], "properties": {"preset": _NOT_BLANK}},
+        {"required": ["name", "base_model", "datasets"],
+         "properties": {"name": _NOT_BLANK, "base_model": _NOT_BLANK, "datasets": _DATASETS_SCHEMA,
+                        "training_args": _TRAINING_ARGS_SCHEMA}},
+    ]
+
+    preset = described_field(serializers.CharField, PRESET_SCHEMA, required=False, allow_blank=True, max_length=64)
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
     description = serializers.CharField(required=False, allow_blank=True, default="")
     task_type = serializers.ChoiceField(choices=TaskType.choices, default=TaskType.SFT)
     train_type = serializers.ChoiceField(choices=TrainType.choices, default=TrainType.LORA)
-    base_model = serializers.CharField(required=False, allow_blank=True, max_length=1000)
-    datasets = serializers.JSONField(required=False, help_text="Uploaded dataset ids and/or hub dataset ids.")
-    training_args = serializers.JSONField(required=False, help_text="Allow-listed swift training arguments.")
-    gpu_config = serializers.JSONField(required=False, help_text='{"count": N}, {"devices": "0,1"} or {"cpu": true}')
+    base_model = serializers.CharField(required=False, allow_blank=True, max_length=1000,
+                                       help_text="A hub model id (owner/name) or a model folder under a model root.")
+    # Their shapes are in schema_any_of's second branch: with a preset, they are not read.
+    datasets = json_field({"description": _DATASETS_SCHEMA["description"]}, required=False, allow_null=True)
+    training_args = json_field({"description": _TRAINING_ARGS_SCHEMA["description"] + " null: none."},
+                               required=False, allow_null=True)
+    gpu_config = json_field(GPU_CONFIG_SCHEMA, required=False, validators=[gpu_config_cpu_is_boolean])
     priority = serializers.IntegerField(required=False, min_value=0, max_value=10, default=5)
     output_name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     auto_export = serializers.BooleanField(
@@ -55,6 +121,7 @@ class TaskCreateSerializer(serializers.Serializer):
         return attrs
 
 
+@extend_schema_field({"type": "number", "format": "double", "nullable": True})
 class FiniteFloatField(serializers.FloatField):
     """A float as JSON, where NaN and ±infinity do not exist: those are ``null``. (The platform
     stores them as null anyway and keeps their kind beside them: ``metrics.nonfinite`` of a task,
@@ -183,12 +250,14 @@ class TaskDetailSerializer(TaskSerializer):
         return ExportSerializer(task_export_list(task=obj), many=True).data
 
 
-class CheckpointChoiceSerializer(serializers.Serializer):
+class CheckpointChoiceSerializer(JsonSerializer):
     """Which checkpoint: a step (8) or a folder of the task (absolute, or relative to its output
     folder: "checkpoint-8", "v0-…/checkpoint-12"). Default: the task's last checkpoint."""
 
-    checkpoint = serializers.JSONField(required=False, allow_null=True, default=None,
-                                       help_text="A step number or a checkpoint folder of this task.")
+    checkpoint = json_field({
+        "anyOf": [{"type": "integer", "nullable": True}, {"type": "string", "nullable": True}],
+        "description": "A step number (8) or a checkpoint folder of this task; null or left out: its last.",
+    }, required=False, allow_null=True, default=None)
 
 
 class LogLineSerializer(serializers.ModelSerializer):
@@ -202,6 +271,22 @@ class LogLineSerializer(serializers.ModelSerializer):
 class LogPageSerializer(serializers.Serializer):
     lines = LogLineSerializer(many=True)
     next = serializers.IntegerField(help_text="Pass as ?after= to get the lines that follow.")
+    more = serializers.BooleanField(help_text="Lines follow: the answer stopped at its line or size limit.")
+
+
+#: The largest cursor a query may give (a 64-bit id): a larger number is a 400, not a database error.
+MAX_CURSOR = 2**63 - 1
+
+
+class CursorQuerySerializer(QuerySerializer):
+    """``after``: a cursor (what it counts is the action's: a step, an event id)."""
+
+    def __init__(self, *args: Any, help_text: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if help_text:
+            self.fields["after"].help_text = help_text
+
+    after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_CURSOR, default=0)
 
 
 class MetricSerializer(serializers.ModelSerializer):
@@ -216,12 +301,31 @@ class MetricSerializer(serializers.ModelSerializer):
                   "seconds_per_step", "values"]
 
 
+class MetricPageSerializer(serializers.Serializer):
+    """A page of metric points (``page``, ``page_size``; ``after`` a step) and swift's final summary."""
+
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = MetricSerializer(many=True)
+    summary = serializers.DictField(help_text="swift's final summary (train_loss, runtime, …) once it ends.")
+
+
 class EventSerializer(serializers.ModelSerializer):
     time = serializers.DateTimeField(source="created_at")
 
     class Meta:
         model = TaskEvent
-        fields = ["kind", "message", "data", "time"]
+        fields = ["id", "kind", "message", "data", "time"]
+
+
+class EventPageSerializer(serializers.Serializer):
+    """A page of a task's events (``page``, ``page_size``; ``after`` an event id)."""
+
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = EventSerializer(many=True)
 
 
 class DatasetSerializer(serializers.ModelSerializer):
@@ -235,17 +339,24 @@ class DatasetSerializer(serializers.ModelSerializer):
 
 
 class DatasetUploadSerializer(serializers.Serializer):
-    file = serializers.FileField(help_text=".jsonl, .json or .csv")
+    file = described_field(serializers.FileField, {
+        "type": "string", "format": "binary", "minLength": 1,
+        "description": "A .jsonl, .json or .csv file of dataset rows (not empty).",
+    })
     name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     description = serializers.CharField(required=False, allow_blank=True, default="")
 
 
-class LogQuerySerializer(serializers.Serializer):
-    after = serializers.IntegerField(required=False, min_value=0, default=0)
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000)
+class LogQuerySerializer(QuerySerializer):
+    after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_CURSOR, default=0,
+                                     help_text="Return lines with seq greater than this.")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=5000, default=1000,
+                                     help_text="At most this many lines (default 1000).")
 
 
-class PrioritySerializer(serializers.Serializer):
+class PrioritySerializer(JsonSerializer):
+    """A waiting task's new priority."""
+
     priority = serializers.IntegerField(min_value=0, max_value=10, help_text="0-10, larger runs first.")
 
 

@@ -10,7 +10,9 @@ from tasks.api.views import (
     TrainingArgsView,
 )
 
+# No "<route>.json" routes: the schema has none, and they passed format= to views that take no such argument.
 router = DefaultRouter(trailing_slash=True)
+router.include_format_suffixes = False
 router.register("tasks", TaskViewSet, basename="task")
 router.register("datasets", DatasetViewSet, basename="dataset")
 router.register("exports", ExportViewSet, basename="export")

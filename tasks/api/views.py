@@ -9,28 +9,32 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404, HttpRequest, StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, parsers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.filters import OrderingFilter, SearchFilter
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.api import LOOKUP_VALUE_REGEX, error_response
 from core.errors import ServiceValidationError
+from core.query import FilterSet, OrderingFilter, Pagination, SearchFilter
 from core.streaming import file_chunks, streamed_download, zip_stream_response
 from core.swift_cli.training_args import training_args_catalogue
 from tasks import selectors, services
 from tasks.api.serializers import (
     CheckpointChoiceSerializer,
+    CursorQuerySerializer,
     DatasetSerializer,
     DatasetUploadSerializer,
+    EventPageSerializer,
     EventSerializer,
     ExportSerializer,
     LogPageSerializer,
     LogQuerySerializer,
+    MetricPageSerializer,
     MetricSerializer,
     PrioritySerializer,
     QueueEntrySerializer,
@@ -41,9 +45,47 @@ from tasks.api.serializers import (
 from tasks.models import Dataset, FinetuningTask, TaskExport, TaskStatus, TaskType, TrainType
 from tasks.paths import is_within
 from tasks.presets import all_presets
+from tasks.uploads import DatasetUploadLimit, declared_too_large, too_large_message
+
+#: The most log text one answer carries (about 1 MB; lines are stored clipped at 8000 characters).
+LOG_PAGE_CHARS = 1024 * 1024
 
 
-class TaskFilter(filters.FilterSet):
+class MetricPagination(Pagination):
+    """Metric points: a chart needs many, so 1000 a page by default and ``page_size`` up to 5000."""
+
+    page_size = 1000
+    page_size_query_param = "page_size"
+    max_page_size = 5000
+
+
+class EventPagination(Pagination):
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class QueuePagination(Pagination):
+    """The queue: a page's estimates are computed for the tasks up to its end only."""
+
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+
+def _page_parameters(pagination: type[Pagination]) -> list[OpenApiParameter]:
+    """The page parameters of an action's own pagination (drf-spectacular adds them to lists only)."""
+    return [OpenApiParameter(p["name"], p["schema"], description=p["description"])
+            for p in pagination().get_schema_operation_parameters(None)]
+
+
+def _after(request: Request) -> int:
+    """The ``after`` cursor of a metrics or events read (0: from the start)."""
+    query = CursorQuerySerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    return query.validated_data["after"]
+
+
+class TaskFilter(FilterSet):
     status = filters.ChoiceFilter(choices=TaskStatus.choices)
     task_type = filters.ChoiceFilter(choices=TaskType.choices)
     train_type = filters.ChoiceFilter(choices=TrainType.choices)
@@ -89,6 +131,10 @@ class TaskViewSet(
     stop, resume, export, logs, metrics, events."""
 
     serializer_class = TaskSerializer
+    lookup_value_regex = LOOKUP_VALUE_REGEX
+    # JSON only: datasets, training_args, gpu_config and checkpoint are JSON values, which a form
+    # cannot carry as the schema describes them.
+    parser_classes = [parsers.JSONParser]
     filter_backends = [filters.DjangoFilterBackend, SearchFilter, OrderingFilter]
     filterset_class = TaskFilter
     search_fields = ["name"]
@@ -122,7 +168,10 @@ class TaskViewSet(
     @action(detail=True, methods=["post"])
     def priority(self, request: Request, pk: str | None = None) -> Response:
         """Change a waiting task's priority (0-10, larger first); it moves in the queue at once."""
-        task = services.finetuning_task_set_priority(task=self.get_object(), priority=request.data.get("priority"))
+        task = self.get_object()
+        body = PrioritySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.finetuning_task_set_priority(task=task, priority=body.validated_data["priority"])
         return Response(TaskSerializer(task, context={"request": request}).data)
 
     @extend_schema(request=None, responses={200: TaskSerializer})
@@ -167,27 +216,24 @@ class TaskViewSet(
         return Response(ExportSerializer(export).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(responses={200: ExportSerializer(many=True)})
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])  # a plain list
     def exports(self, request: Request, pk: str | None = None) -> Response:
         """The task's exports, newest first, with their status and log."""
         return Response(ExportSerializer(selectors.task_export_list(task=self.get_object()), many=True).data)
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("after", int, description="Return lines with seq greater than this."),
-            OpenApiParameter("limit", int, description="At most this many lines (1-5000, default 1000)."),
-        ],
-        responses={200: LogPageSerializer},
-    )
+    @extend_schema(parameters=[LogQuerySerializer], responses={200: LogPageSerializer})
     @action(detail=True, methods=["get"])
     def logs(self, request: Request, pk: str | None = None) -> Response:
-        """Log lines after ``after``, in order, with contiguous sequence numbers."""
+        """Log lines after ``after``, in order, with contiguous sequence numbers: at most ``limit`` lines
+        and about 1 MB of text; ``more`` says whether lines follow (ask again with ``after=next``)."""
         task = self.get_object()
         query = LogQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         after = query.validated_data["after"]
-        lines = selectors.task_log_lines(task=task, after=after, limit=query.validated_data["limit"])
-        return Response(LogPageSerializer({"lines": lines, "next": lines[-1].seq if lines else after}).data)
+        lines, more = selectors.task_log_page(task=task, after=after, limit=query.validated_data["limit"],
+                                              max_chars=LOG_PAGE_CHARS)
+        next_seq = lines[-1].seq if lines else after
+        return Response(LogPageSerializer({"lines": lines, "next": next_seq, "more": more}).data)
 
     @extend_schema(responses={(200, "text/plain"): bytes})
     @action(detail=True, methods=["get"], url_path="logs/download")
@@ -200,31 +246,42 @@ class TaskViewSet(
         return streamed_download(request, file_chunks(path), content_type="text/plain; charset=utf-8",
                                  filename=f"task-{task.pk}.log")
 
-    @extend_schema(responses={200: MetricSerializer(many=True)})
-    @action(detail=True, methods=["get"])
+    @extend_schema(parameters=[CursorQuerySerializer(help_text="Only points of steps after this one (a chart's "
+                                                                "last step)."), *_page_parameters(MetricPagination)],
+                   responses={200: MetricPageSerializer})
+    @action(detail=True, methods=["get"], pagination_class=MetricPagination)
     def metrics(self, request: Request, pk: str | None = None) -> Response:
-        """One point per logging step (and per evaluation), plus swift's final summary."""
+        """One point per logging step (and per evaluation), by step, a page at a time; plus swift's final
+        summary."""
         task = self.get_object()
-        points = selectors.task_metric_points(task=task)
-        return Response({"points": MetricSerializer(points, many=True).data, "summary": task.metrics})
+        after = _after(request)
+        page = self.paginate_queryset(selectors.task_metric_points(task=task, after_step=after))
+        response = self.get_paginated_response(MetricSerializer(page, many=True).data)
+        response.data["summary"] = task.metrics
+        return response
 
-    @extend_schema(responses={200: EventSerializer(many=True)})
-    @action(detail=True, methods=["get"])
+    @extend_schema(parameters=[CursorQuerySerializer(help_text="Only events after the one with this id."),
+                               *_page_parameters(EventPagination)],
+                   responses={200: EventPageSerializer})
+    @action(detail=True, methods=["get"], pagination_class=EventPagination, filter_backends=[])
     def events(self, request: Request, pk: str | None = None) -> Response:
-        """The task's lifecycle events, oldest first."""
-        return Response(EventSerializer(selectors.task_events(task=self.get_object()), many=True).data)
+        """The task's lifecycle events, oldest first, a page at a time."""
+        events = selectors.task_events(task=self.get_object(), after_id=_after(request))
+        return self.get_paginated_response(EventSerializer(self.paginate_queryset(events), many=True).data)
 
 
 class ExportViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """One export (``GET /api/finetuning/exports/{id}/``) and its merged model as a zip."""
 
     serializer_class = ExportSerializer
+    lookup_value_regex = LOOKUP_VALUE_REGEX
 
     def get_queryset(self) -> QuerySet[TaskExport]:
         visible = selectors.finetuning_task_list(user=self.request.user)
         return TaskExport.objects.for_user(self.request.user).filter(task__in=visible).select_related("task")
 
-    @extend_schema(responses={(200, "application/zip"): bytes})
+    @extend_schema(responses={(200, "application/zip"): bytes,
+                              400: error_response(400, "The export has not completed (yet): the body names status.")})
     @action(detail=True, methods=["get"])
     def download(self, request: Request, pk: str | None = None) -> Any:
         """The merged model folder as a zip, streamed (only once the export has completed)."""
@@ -240,12 +297,17 @@ class ExportViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
 
 class QueueView(APIView):
     """Every waiting task in the order it will start, with its position, what it asks for and an
-    estimated start from the running tasks' ETAs. Other users' tasks appear without name or id."""
+    estimated start from the running tasks' ETAs, a page at a time. Other users' tasks appear without
+    name or id."""
+
+    pagination_class = QueuePagination
 
     @extend_schema(responses={200: QueueEntrySerializer(many=True)})
     def get(self, request: Request) -> Response:
-        entries = selectors.queue_entries(user=request.user)
-        return Response(QueueEntrySerializer(entries, many=True, context={"request": request}).data)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(selectors.QueuePages(user=request.user), request, view=self)
+        entries = QueueEntrySerializer(page, many=True, context={"request": request}).data
+        return paginator.get_paginated_response(entries)
 
 
 class DatasetViewSet(
@@ -254,16 +316,37 @@ class DatasetViewSet(
     """Your uploaded datasets. Upload with ``multipart/form-data`` (``file``, optional ``name``)."""
 
     serializer_class = DatasetSerializer
+    lookup_value_regex = LOOKUP_VALUE_REGEX
     parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
     filter_backends = [SearchFilter]
     search_fields = ["name", "original_filename"]
 
+    upload_limit: DatasetUploadLimit | None = None
+
     def get_queryset(self) -> QuerySet[Dataset]:
         return selectors.dataset_list(user=self.request.user)
 
-    @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={201: DatasetSerializer})
+    def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
+        # Before DRF authenticates (a session's CSRF check reads request.POST) or parses the body.
+        if request.method == "POST":
+            self.upload_limit = DatasetUploadLimit.install(request)
+        return super().initialize_request(request, *args, **kwargs)
+
+    @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={
+        201: DatasetSerializer,
+        400: error_response(400, "Not a dataset (the body names file), or a file over FINETUNE_MAX_DATASET_MB."),
+        411: error_response(411, "A body without a Content-Length (chunked), refused by the web server before "
+                                 "it is read: the body names file.", fields=True),
+    })
     def create(self, request: Request) -> Response:
-        serializer = DatasetUploadSerializer(data=request.data)
+        """Upload a dataset. A file over ``FINETUNE_MAX_DATASET_MB`` is refused (400, ``file``) as soon as
+        it passes the limit, or before it is read when the request's ``Content-Length`` says so."""
+        if declared_too_large(request):  # refused unread, whatever the body's type
+            raise ServiceValidationError({"file": too_large_message()})
+        data = request.data  # a multipart body is parsed through the limit
+        if self.upload_limit is not None and self.upload_limit.refused:
+            raise ServiceValidationError({"file": too_large_message()})
+        serializer = DatasetUploadSerializer(data=data)
         serializer.is_valid(raise_exception=True)
         dataset = services.dataset_create(
             owner=request.user, upload=serializer.validated_data["file"],

@@ -182,7 +182,7 @@ def test_stopping_a_queued_task_is_immediate_and_idempotent(alice_api: APIClient
     assert first.status_code == 200 and first.json()["status"] == "stopped"
     again = alice_api.post(f"/api/finetuning/tasks/{task['id']}/stop/")
     assert again.status_code == 200 and again.json()["status"] == "stopped"
-    kinds = [e["kind"] for e in alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()]
+    kinds = [e["kind"] for e in alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()["results"]]
     assert kinds == ["created", "queued", "stopped"]
 
 
@@ -197,7 +197,7 @@ def test_logs_validate_their_parameters(alice_api: APIClient, task: dict[str, An
     assert response.status_code == 400 and "after" in response.json()
     response = alice_api.get(f"/api/finetuning/tasks/{task['id']}/logs/?limit=abc")
     assert response.status_code == 400 and "limit" in response.json()
-    assert alice_api.get(f"/api/finetuning/tasks/{task['id']}/logs/").json() == {"lines": [], "next": 0}
+    assert alice_api.get(f"/api/finetuning/tasks/{task['id']}/logs/").json() == {"lines": [], "next": 0, "more": False}
 
 
 def test_the_owner_downloads_the_whole_log_file(alice_api: APIClient, task: dict[str, Any]) -> None:

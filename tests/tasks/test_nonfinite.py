@@ -15,9 +15,9 @@ from django.contrib.auth.models import User
 from django.test import Client
 from rest_framework.test import APIClient
 
+from core.live.wire import encode_json
 from core.swift_cli.output import JsonlTail, LogSplitter, MetricPoint, interpret_logging_record
 from finetune_platform.asgi import application
-from tasks.consumers import encode_finite_json
 from tasks.models import FinetuningTask, TaskMetric, TaskStatus
 from tasks.publisher import NONFINITE_KEY, ProgressPublisher
 from tasks.templatetags.task_format import format_significant
@@ -74,7 +74,7 @@ def test_numbers_for_humans_say_nan_and_infinity() -> None:
     assert format_significant(float("inf")) == "∞" and format_significant(float("-inf")) == "−∞"
     assert format_significant(None, 4, "nan") == "NaN" and format_significant(None, 4, "inf") == "∞"
     assert format_significant(None) == "–" and format_significant(None, 4, None) == "–"
-    assert encode_finite_json({"loss": float("nan"), "x": [float("inf"), 1.5]}) == '{"loss": null, "x": [null, 1.5]}'
+    assert encode_json({"loss": float("nan"), "x": [float("inf"), 1.5]}) == '{"loss": null, "x": [null, 1.5]}'
 
 
 def test_a_loss_that_recovers_clears_its_nan_mark(alice: User, make_task: Callable[..., FinetuningTask]) -> None:
@@ -113,7 +113,7 @@ def test_a_diverged_run_completes_is_stored_with_nulls_and_renders(
     assert body["loss"] is None and body["metrics"][NONFINITE_KEY] == {"loss": "nan", "train_loss": "nan"}
     metrics = alice_api.get(f"/api/finetuning/tasks/{task.pk}/metrics/")
     assert metrics.status_code == 200 and b"NaN" not in metrics.content
-    last = metrics.json()["points"][-1]
+    last = metrics.json()["results"][-1]
     assert last["loss"] is None and last["grad_norm"] is None
     assert last["values"][NONFINITE_KEY] == {"loss": "nan", "grad_norm": "inf"}
     assert metrics.json()["summary"]["train_loss"] is None

@@ -48,7 +48,7 @@ def test_a_real_run_is_stopped_resumed_and_exported(
     step = int(checkpoint.name.split("-")[1])
     assert checkpoint.parent == Path(stopped["output_path"]) and step in (4, 8), first["last_checkpoint"]
     assert (checkpoint / "trainer_state.json").is_file()
-    points = alice_api.get(f"{url}metrics/").json()["points"]
+    points = alice_api.get(f"{url}metrics/").json()["results"]
     logged_before = [p["step"] for p in points if p["kind"] == "train"]
     lines_before = len(all_log_lines(alice_api, created["id"]))
 
@@ -64,7 +64,7 @@ def test_a_real_run_is_stopped_resumed_and_exported(
     assert "--resume_from_checkpoint" in task["command"]
 
     metrics = alice_api.get(f"{url}metrics/").json()
-    train = [p for p in metrics["points"] if p["kind"] == "train"]
+    train = [p for p in metrics["results"] if p["kind"] == "train"]
     assert [p["step"] for p in train] == list(range(1, 13)), (logged_before, [p["step"] for p in train])
     # The learning-rate schedule went on from the checkpoint (cosine, no warm-up): it never rises,
     # which it would if the resumed run had started the schedule over.
@@ -82,7 +82,7 @@ def test_a_real_run_is_stopped_resumed_and_exported(
     listed = [(c["step"], c["run"]) for c in task["checkpoints"]]
     assert (step, "") in listed and (12, last.parent.name) in listed
     assert all(c["size_bytes"] > 0 for c in task["checkpoints"])
-    events = [e["kind"] for e in alice_api.get(f"{url}events/").json()]
+    events = [e["kind"] for e in alice_api.get(f"{url}events/?page_size=1000").json()["results"]]
     assert events.count("started") == 2 and events.count("resumed") == 1
     assert events.index("stopped") < events.index("resumed") < events.index("completed")
 

@@ -77,7 +77,7 @@ def test_sft_pt_and_dpo_train_for_real_through_the_queue(
         assert task["exit_code"] == 0 and task["command"][1] in ("sft", "pt", "rlhf")
         assert "--output_dir" in task["command"] and task["command_line"].startswith(task["command"][0])
         metrics = alice_api.get(f"/api/finetuning/tasks/{task['id']}/metrics/").json()
-        train = [p for p in metrics["points"] if p["kind"] == "train"]
+        train = [p for p in metrics["results"] if p["kind"] == "train"]
         assert [p["step"] for p in train] == [1, 2, 3, 4, 5, 6]
         assert all(isinstance(p["loss"], float) for p in train), train
         assert metrics["summary"]["train_runtime"] > 0
@@ -86,12 +86,12 @@ def test_sft_pt_and_dpo_train_for_real_through_the_queue(
         assert any("[INFO:swift]" in line["text"] for line in lines)
         checkpoint = Path(task["last_checkpoint"])
         assert checkpoint.name == "checkpoint-6" and (checkpoint / "adapter_model.safetensors").is_file()
-        timeline = alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()
+        timeline = alice_api.get(f"/api/finetuning/tasks/{task['id']}/events/").json()["results"]
         events = [e["kind"] for e in timeline]
         assert events[:3] == ["created", "queued", "started"] and events[-1] == "completed"
         assert timeline[1]["message"].startswith("Reserved a CPU slot on ")  # booked by the scheduler
         assert "checkpoint" in events
-    dpo_points = alice_api.get(f"/api/finetuning/tasks/{tasks['dpo']['id']}/metrics/").json()["points"]
+    dpo_points = alice_api.get(f"/api/finetuning/tasks/{tasks['dpo']['id']}/metrics/").json()["results"]
     assert "rewards/margins" in dpo_points[0]["values"]
     from gpus.models import Reservation
 

@@ -484,7 +484,7 @@ def test_the_queue_lists_waiting_tasks_in_order_with_an_estimated_start(
     from gpus.models import Host
 
     Host.objects.filter(name="laptop").update(last_seen_at=timezone.now() - timedelta(hours=1))  # went away
-    entries = alice_api.get("/api/finetuning/queue/").json()
+    entries = alice_api.get("/api/finetuning/queue/").json()["results"]
     assert [e["position"] for e in entries] == [1, 2, 3]
     first, second, third = entries
     assert first["id"] is None and first["name"] == "another user's task" and first["owner"] is None
@@ -514,12 +514,12 @@ def test_owner_and_staff_change_priority_hold_release_and_cancel_but_bob_cannot(
     assert alice_api.post(f"{url}/priority/", {"priority": 9}, format="json").json()["priority"] == 9
     assert staff_api.post(f"{url}/priority/", {"priority": 2}, format="json").json()["priority"] == 2
     assert alice_api.post(f"{url}/hold/").json()["held"] is True
-    assert alice_api.get("/api/finetuning/queue/").json()[0]["note"] == "on hold"
+    assert alice_api.get("/api/finetuning/queue/").json()["results"][0]["note"] == "on hold"
     assert staff_api.post(f"{url}/release/").json()["held"] is False
     assert alice_api.post(f"{url}/cancel/").json()["status"] == "stopped"
     response = alice_api.post(f"{url}/priority/", {"priority": 3}, format="json")
     assert response.status_code == 400 and "stopped" in response.json()["priority"][0]
-    assert alice_api.get("/api/finetuning/queue/").json() == []
+    assert alice_api.get("/api/finetuning/queue/").json()["results"] == []
 
 
 def test_the_task_detail_names_its_reserved_gpus(alice: User, alice_api: APIClient, local_model: Path) -> None:

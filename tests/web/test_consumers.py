@@ -20,11 +20,11 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from core import live
+from core.live.wire import MESSAGE_TYPE, cross_process_layer
 from core.swift_cli.output import MetricPoint
 from finetune_platform.asgi import application
 from gpus.models import Run
-from tasks import consumers, selectors
+from tasks import selectors
 from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
 from tasks.publisher import ProgressPublisher, broadcast, publish_event, task_group
 from tests.conftest import REPO
@@ -249,7 +249,7 @@ async def test_bob_is_refused_alices_task_with_4404_and_joins_no_group(alice_tas
     connected, code = await comm.connect()
     assert not connected and code == 4404
     layer = get_channel_layer()
-    if not consumers.cross_process_layer():
+    if not cross_process_layer():
         assert not layer.groups.get(task_group(alice_task.pk))
     await comm.disconnect()
 
@@ -358,7 +358,7 @@ async def test_a_lost_broadcast_is_repaired_from_the_database_without_duplicates
         # Lines 1-4 are stored, but only the message carrying 3-4 arrives (1-2 were dropped).
         await database_sync_to_async(store_lines_silently)(alice_task.pk, 4)
         group = task_group(alice_task.pk)
-        late = {"type": live.MESSAGE_TYPE, "group": group, "payload": {
+        late = {"type": MESSAGE_TYPE, "group": group, "payload": {
             "task": alice_task.pk,
             "status": "running",
             "lines": [{"seq": 3, "text": "quiet 3", "time": None}, {"seq": 4, "text": "quiet 4", "time": None}],
@@ -426,7 +426,7 @@ async def test_deleting_the_task_tells_the_page_and_closes(
 async def test_group_membership_is_renewed(
     alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(live, "GROUP_REFRESH_SECONDS", 0.1)
+    monkeypatch.setattr("core.live.hub.GROUP_REFRESH_SECONDS", 0.1)
     calls: list[str] = []
     layer = get_channel_layer()
     original = layer.group_add
@@ -499,7 +499,7 @@ async def test_the_list_socket_announces_new_tasks(
 async def test_a_message_published_by_another_process_reaches_the_browser_through_redis(
     alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
 ) -> None:
-    assert consumers.cross_process_layer()
+    assert cross_process_layer()
     comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
     assert (await comm.connect())[0]
     try:

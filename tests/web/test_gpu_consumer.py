@@ -205,10 +205,8 @@ async def test_a_refresh_message_resends_the_snapshot(alice: User, inventory: di
         await comm.disconnect()
 
 
-async def test_a_deactivated_account_is_disconnected(
-    alice: User, inventory: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(consumers, "POLL_SECONDS", 0.2)
+async def test_a_deactivated_account_is_disconnected(alice: User, inventory: dict[str, Any], settings: Any) -> None:
+    settings.FINETUNE_SOCKET_RECHECK_SECONDS = 0.2  # the hub re-checks every socket's account this often
     comm = await connect(alice, "topics=gpus")
     await receive(comm, "gpus")
     await database_sync_to_async(User.objects.filter(pk=alice.pk).update)(is_active=False)

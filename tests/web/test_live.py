@@ -19,7 +19,9 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
-from core import live
+from core.live.hub import FOLLOW_SECONDS, Hub
+from core.live.publish import publish
+from core.live.wire import cross_process_layer, outbox_model
 from deployments.logs import DeploymentLog, deployment_group
 from deployments.models import Deployment, DeploymentLogLine, DeploymentStatus
 from finetune_platform.asgi import application
@@ -31,7 +33,7 @@ from tests.web.test_consumers import collect, publish_lines, quiet, store_lines_
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
-embedded_only = pytest.mark.skipif("live.cross_process_layer()", reason="the outbox follower is the embedded mode's")
+embedded_only = pytest.mark.skipif("cross_process_layer()", reason="the outbox follower is the embedded mode's")
 
 
 async def open_socket(path: str, user: User | None) -> WebsocketCommunicator:
@@ -130,9 +132,9 @@ async def test_bob_is_refused_alices_deployment_with_4404_and_joins_no_group(bob
     comm = WebsocketCommunicator(application, f"/ws/deployments/{deployment.pk}/", headers=headers)
     connected, code = await comm.connect()
     assert not connected and code == 4404
-    assert deployment_group(deployment.pk) not in live.Hub.current().members
+    assert deployment_group(deployment.pk) not in Hub.current().members
     layer = get_channel_layer()
-    if not live.cross_process_layer():
+    if not cross_process_layer():
         assert not layer.groups.get(deployment_group(deployment.pk))
 
 
@@ -213,12 +215,12 @@ async def test_a_snapshot_socket_gets_a_fresh_snapshot_after_a_missed_notice(
 async def test_an_overflowing_inbox_resynchronises_the_stream_from_the_database(
     alice: User, make_task: Callable[..., FinetuningTask], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(live, "INBOX_SIZE", 1)
+    monkeypatch.setattr("core.live.sockets.INBOX_SIZE", 1)
     task = await database_sync_to_async(make_task)(alice, max_steps=10)
     comm = await open_socket(f"/ws/tasks/{task.pk}/?after=0", alice)
     try:
         await collect(comm, lambda g: g.state.get("status") == "running")
-        [consumer] = live.Hub.current().members[f"task.{task.pk}"]
+        [consumer] = Hub.current().members[f"task.{task.pk}"]
         await database_sync_to_async(store_lines_silently)(task.pk, 3)
         # Three notices at once into an inbox for one: two are dropped, the socket reads the database.
         for seq in (1, 2, 3):
@@ -240,13 +242,13 @@ async def test_many_sockets_on_one_task_share_one_database_follower(
     sockets = [await open_socket(f"/ws/tasks/{task.pk}/?after=0", alice) for _ in range(8)]
     sockets.append(await open_socket(f"/ws/tasks/{other.pk}/?after=0", alice))
     try:
-        hub = live.Hub.current()
+        hub = Hub.current()
         assert hub.following and len(hub.members[f"task.{task.pk}"]) == 8
         before = hub.reads
         await asyncio.sleep(1.0)
         reads = hub.reads - before
         # One read every FOLLOW_SECONDS for the whole process, not one per socket or per task.
-        assert 1 <= reads <= 1.5 / live.FOLLOW_SECONDS
+        assert 1 <= reads <= 1.5 / FOLLOW_SECONDS
         await database_sync_to_async(publish_lines)(task.pk, ["to everyone"])
         for comm in sockets[:8]:
             got = await collect(comm, lambda g: g.texts == ["to everyone"])
@@ -259,13 +261,13 @@ async def test_many_sockets_on_one_task_share_one_database_follower(
 
 @embedded_only
 def test_a_notice_is_written_with_the_change_it_announces(transactional_db: None) -> None:
-    model = live.outbox_model()
+    model = outbox_model()
     with pytest.raises(RuntimeError), transaction.atomic():
-        live.publish("task.1", {"status": "running"})
+        publish("task.1", {"status": "running"})
         raise RuntimeError("the change is rolled back")
     assert not model.objects.exists()
     with transaction.atomic():
-        live.publish("task.1", {"status": "running"})
+        publish("task.1", {"status": "running"})
     assert list(model.objects.values_list("group", "payload")) == [("task.1", {"status": "running"})]
 
 

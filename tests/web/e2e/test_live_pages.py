@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 
-from core.live import publish
+from core.live.publish import publish
 from deployments.logs import DeploymentLog
 from deployments.models import Deployment, DeploymentStatus
 from gpus.models import Gpu
