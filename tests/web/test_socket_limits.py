@@ -96,6 +96,20 @@ def recheck_fast(settings: Any) -> None:
     settings.FINETUNE_SOCKET_RECHECK_SECONDS = 0.2
 
 
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``after`` of every line read the task sockets make from the database, in order."""
+    seen: list[int] = []
+    original = consumers.TaskConsumer.read_lines
+
+    def counting(self: consumers.TaskConsumer, *, after: int, limit: int) -> list[dict[str, Any]]:
+        seen.append(after)
+        return original(self, after=after, limit=limit)
+
+    monkeypatch.setattr(consumers.TaskConsumer, "read_lines", counting)
+    return seen
+
+
 # --- sockets per user ----------------------------------------------------------------------------------
 async def test_the_socket_past_the_cap_is_closed_with_4429(
     alice: User, bob: User, settings: Any
@@ -125,17 +139,9 @@ async def test_the_socket_past_the_cap_is_closed_with_4429(
 
 # --- requests from the page --------------------------------------------------------------------------
 async def test_a_burst_of_backfill_requests_reads_the_database_a_bounded_number_of_times(
-    alice: User, alice_task: FinetuningTask, monkeypatch: pytest.MonkeyPatch
+    alice: User, alice_task: FinetuningTask, reads: list[int]
 ) -> None:
     await database_sync_to_async(publish_lines)(alice_task.pk, ["a", "b", "c"])
-    reads: list[int] = []
-    original = consumers.TaskConsumer.read_lines
-
-    def counting(self: consumers.TaskConsumer, *, after: int, limit: int) -> list[dict[str, Any]]:
-        reads.append(after)
-        return original(self, after=after, limit=limit)
-
-    monkeypatch.setattr(consumers.TaskConsumer, "read_lines", counting)
     comm = await open_socket(f"/ws/tasks/{alice_task.pk}/?after=0", await database_sync_to_async(ws_headers)(alice))
     try:
         await collect(comm, lambda g: len(g.seqs) >= 3)
@@ -228,18 +234,10 @@ async def test_a_catch_up_one_line_short_sends_that_line_rather_than_a_marker(
 
 
 async def test_a_live_notice_reads_no_lines_while_the_page_is_catching_up(
-    alice: User, alice_task: FinetuningTask, monkeypatch: pytest.MonkeyPatch
+    alice: User, alice_task: FinetuningTask, reads: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("core.live.sockets.BACKFILL_LINES", 50)
     await database_sync_to_async(store_lines)(alice_task.pk, 120)
-    reads: list[int] = []
-    original = consumers.TaskConsumer.read_lines
-
-    def counting(self: consumers.TaskConsumer, *, after: int, limit: int) -> list[dict[str, Any]]:
-        reads.append(after)
-        return original(self, after=after, limit=limit)
-
-    monkeypatch.setattr(consumers.TaskConsumer, "read_lines", counting)
     comm = await open_socket(f"/ws/tasks/{alice_task.pk}/?after=0", await database_sync_to_async(ws_headers)(alice))
     try:
         await collect(comm, lambda g: any(m.get("more") for m in g.messages))
