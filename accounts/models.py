@@ -77,3 +77,71 @@ class Account(models.Model):
 
     def __str__(self) -> str:
         return f"account of {self.user}"
+
+
+class QuotaScope(models.TextChoices):
+    USER = "user", _("One user")
+    GROUP = "group", _("A group")
+    DEFAULT = "default", _("Everyone (the default)")
+
+
+class Quota(models.Model):
+    """Limits staff set on what users may hold (issue 12; Kubernetes' ResourceQuota is the model).
+
+    A row applies to one user, to the members of one group, or to everyone (the one ``default``
+    row). Each limit is resolved on its own, field by field (``accounts.services.quota_limits``):
+    the user's own row if it sets that limit, else the most generous value any of the user's groups
+    sets, else the default row, else the setting (``FINETUNE_DEFAULT_MAX_WAITING_TASKS`` for waiting
+    tasks; the other limits are off). An empty field sets nothing at that level. Group and default
+    rows do not bind staff; a staff user's own row does.
+    """
+
+    scope = models.CharField(_("applies to"), max_length=8, choices=QuotaScope.choices, default=QuotaScope.USER)
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True,
+                                related_name="quota")
+    group = models.OneToOneField("auth.Group", on_delete=models.CASCADE, null=True, blank=True, related_name="quota")
+    max_waiting_tasks = models.PositiveIntegerField(
+        _("max waiting tasks"), null=True, blank=True,
+        help_text=_("Tasks that have not started yet (waiting, held or handed to a worker)."),
+    )
+    max_gpus = models.PositiveSmallIntegerField(
+        _("max GPUs held at once"), null=True, blank=True,
+        help_text=_("GPUs held by the user's running tasks, exports and deployments together."),
+    )
+    gpu_hours_per_week = models.FloatField(
+        _("GPU-hours per rolling week"), null=True, blank=True,
+        help_text=_("Over the last 7 days; once used up, new work waits (running work is not stopped)."),
+    )
+    max_deployments = models.PositiveSmallIntegerField(
+        _("max running deployments"), null=True, blank=True,
+        help_text=_("Deployments starting or serving at once."),
+    )
+    max_storage_gb = models.FloatField(
+        _("storage (GB)"), null=True, blank=True,
+        help_text=_("Datasets and task outputs (checkpoints, merged models, logs), in GB (10⁹ bytes)."),
+    )
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("quota")
+        ordering = ["scope", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["scope"], condition=models.Q(scope="default"), name="one_default_quota"),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(scope="user", user__isnull=False, group__isnull=True)
+                    | models.Q(scope="group", user__isnull=True, group__isnull=False)
+                    | models.Q(scope="default", user__isnull=True, group__isnull=True)
+                ),
+                name="quota_scope_matches",
+            ),
+            models.CheckConstraint(condition=models.Q(gpu_hours_per_week__gte=0), name="quota_gpu_hours_not_negative"),
+            models.CheckConstraint(condition=models.Q(max_storage_gb__gte=0), name="quota_storage_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        if self.scope == QuotaScope.USER:
+            return f"quota of {self.user}"
+        if self.scope == QuotaScope.GROUP:
+            return f"quota of group {self.group}"
+        return "default quota"

@@ -23,7 +23,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from core.errors import ServiceValidationError
+from core.errors import QuotaExceeded, ServiceValidationError
 
 
 def _as_lists(errors: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +45,9 @@ LOOKUP_VALUE_REGEX = "[^/]+"
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, QuotaExceeded):
+        body = {"detail": exc.detail, "quota": exc.quota, "limit": exc.limit, "used": exc.used}
+        return Response(body, status=status.HTTP_403_FORBIDDEN)
     if isinstance(exc, ServiceValidationError):
         return Response(_as_lists(exc.errors), status=status.HTTP_400_BAD_REQUEST)
     return drf_exception_handler(exc, context)

@@ -431,3 +431,13 @@ LOGGING = {
                 # axes announces itself at INFO in every process; lockouts are WARNING.
                 "axes": {"level": env_str("AXES_LOG_LEVEL", "WARNING")}},
 }
+
+# --- fair share (issue 12; docs/operations.md "Quotas and fair share") --------------------------------
+# Tasks a user may have waiting when no quota row says otherwise (0: no limit). Staff are not bound.
+FINETUNE_DEFAULT_MAX_WAITING_TASKS = env_int("FINETUNE_DEFAULT_MAX_WAITING_TASKS", 200, minimum=0)
+# Priorities above this are for staff only (0-10; larger runs first).
+FINETUNE_USER_MAX_PRIORITY = env_int("FINETUNE_USER_MAX_PRIORITY", 5, minimum=0, maximum=10)
+# The usage window fairness looks at: within a priority, the user with the least GPU use over it goes first.
+FINETUNE_FAIRSHARE_WINDOW_HOURS = env_float("FINETUNE_FAIRSHARE_WINDOW_HOURS", 7 * 24.0, minimum=1.0)
+# The save_total_limit a task gets when it sets none (checkpoints kept on disk; 0: swift's default, all).
+FINETUNE_DEFAULT_SAVE_TOTAL_LIMIT = env_int("FINETUNE_DEFAULT_SAVE_TOTAL_LIMIT", 3, minimum=0)

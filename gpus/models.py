@@ -209,8 +209,15 @@ class Run(models.Model):
     held = models.BooleanField(_("on hold"), default=False)
     gpu_config = models.JSONField(_("GPU configuration"), default=dict, blank=True)
     memory_estimate_gb = models.FloatField(_("estimated GPU memory (GiB)"), null=True, blank=True)
+    # Why the dispatcher passed this waiting run over (a quota), shown on its subject's page; empty
+    # when it only waits for free resources. Cleared when it is booked.
+    wait_reason = models.CharField(_("waiting because"), max_length=500, blank=True)
 
     host = models.CharField(_("host"), max_length=255, blank=True, help_text=_("Set when resources are reserved."))
+    # What the run was given, recorded when it is booked (reservations are deleted when it ends, this
+    # stays): ``{"gpus": {"<GPU model>": count}, "cpu_slots": n}``. Usage accounting reads it with
+    # ``started_at`` / ``finished_at`` (``gpus.usage``).
+    resources = models.JSONField(_("resources"), default=dict, blank=True)
     master_port = models.PositiveIntegerField(
         _("master port"), null=True, blank=True, help_text=_("torchrun rendezvous port, unique per host while active."),
     )
@@ -239,6 +246,8 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["kind", "subject_id"]),
             models.Index(fields=["status", "lane", "-priority", "created_at"]),
+            models.Index(fields=["owner", "status"]),
+            models.Index(fields=["finished_at"]),
         ]
 
     def __str__(self) -> str:
@@ -343,6 +352,10 @@ class CurrentRun(models.Model):
     @property
     def stop_requested_at(self) -> datetime | None:
         return self.run.stop_requested_at if self.run is not None else None
+
+    @property
+    def wait_reason(self) -> str:
+        return self.run.wait_reason if self.run is not None and self.run.status == RunStatus.PENDING else ""
 
     @property
     def run_status(self) -> str:

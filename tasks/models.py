@@ -144,6 +144,15 @@ class FinetuningTask(CurrentRun):
         help_text=_("When a LoRA/QLoRA task completes, merge its last checkpoint into a full model."),
     )
 
+    # Storage (issue 12): bytes under the task's folder (checkpoints, merged exports, logs), measured
+    # when a run or an export ends, when outputs are deleted, and by the sweep while it runs.
+    output_bytes = models.PositiveBigIntegerField(_("storage used"), default=0)
+    output_measured_at = models.DateTimeField(_("storage measured"), null=True, blank=True)
+    outputs_deleted_at = models.DateTimeField(
+        _("outputs deleted"), null=True, blank=True,
+        help_text=_("When the owner deleted the checkpoints and merged models; logs, metrics and events stay."),
+    )
+
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     delete_requested_at = models.DateTimeField(null=True, blank=True)
 
