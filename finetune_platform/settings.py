@@ -106,6 +106,7 @@ INSTALLED_APPS = [
     "tasks",
     "gpus",
     "deployments",
+    "usage",
 ]
 
 MIDDLEWARE = [

@@ -8,6 +8,7 @@ urlpatterns = [
     path("", include("gpus.urls")),  # /gpus/ and /queue/
     path("accounts/", include("accounts.urls")),
     path("deployments/", include("deployments.urls")),
+    path("usage/", include("usage.urls")),
     path("admin/", admin.site.urls),
     path("api/auth/", include("accounts.api.urls")),
     path("api/finetuning/", include("tasks.api.urls")),

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-APPS = ("finetune_platform", "deployments", "tasks", "gpus", "accounts", "core")
+APPS = ("finetune_platform", "usage", "deployments", "tasks", "gpus", "accounts", "core")
 
 
 def _function_local_imports(path: Path) -> list[tuple[int, str]]:
