@@ -5,7 +5,7 @@ from django.contrib.auth.models import AbstractUser
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from accounts.models import Account, ApiToken
+from accounts.models import Account, ApiToken, Quota
 from accounts.services import api_token_revoke
 
 User = get_user_model()
@@ -53,10 +53,41 @@ class AccountInline(admin.StackedInline):
     verbose_name_plural = "platform account"
 
 
-class PlatformUserAdmin(UserAdmin):
-    """Django's user admin with the platform's account fields inline."""
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    """Quotas (docs/operations.md, "Quotas and fair share"): one row for everyone (the default), rows
+    for groups (a member gets the most generous group value) and rows for single users (theirs wins).
+    An empty limit sets nothing at that level."""
 
-    inlines = [*UserAdmin.inlines, AccountInline]
+    list_display = ["__str__", "scope", "max_waiting_tasks", "max_gpus", "gpu_hours_per_week", "max_deployments",
+                    "max_storage_gb", "updated_at"]
+    list_filter = ["scope"]
+    search_fields = ["user__username", "group__name"]
+    list_select_related = ["user", "group"]
+    autocomplete_fields = ["user"]
+    fieldsets = [
+        (None, {"fields": ["scope", "user", "group"]}),
+        ("Limits (empty: not set here)", {"fields": ["max_waiting_tasks", "max_gpus", "gpu_hours_per_week",
+                                                     "max_deployments", "max_storage_gb"]}),
+    ]
+
+
+class QuotaInline(admin.StackedInline):
+    """The user's own quota on their user page (it wins over group and default rows)."""
+
+    model = Quota
+    fk_name = "user"
+    can_delete = True
+    extra = 0
+    max_num = 1
+    fields = ["max_waiting_tasks", "max_gpus", "gpu_hours_per_week", "max_deployments", "max_storage_gb"]
+    verbose_name_plural = "quota of this user (empty: the group or default quota applies)"
+
+
+class PlatformUserAdmin(UserAdmin):
+    """Django's user admin with the platform's account fields and quota inline."""
+
+    inlines = [*UserAdmin.inlines, AccountInline, QuotaInline]
     list_display = [*UserAdmin.list_display, "hub_trusted"]
     list_filter = [*UserAdmin.list_filter, "account__hub_trusted"]
     list_select_related = ["account"]

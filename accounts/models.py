@@ -6,6 +6,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -145,3 +146,12 @@ class Quota(models.Model):
         if self.scope == QuotaScope.GROUP:
             return f"quota of group {self.group}"
         return "default quota"
+
+    def clean(self) -> None:
+        """The admin's form: the row names exactly what its scope says."""
+        if self.scope == QuotaScope.USER and (self.user_id is None or self.group_id is not None):
+            raise ValidationError({"user": _("A quota for one user names that user (and no group).")})
+        if self.scope == QuotaScope.GROUP and (self.group_id is None or self.user_id is not None):
+            raise ValidationError({"group": _("A quota for a group names that group (and no user).")})
+        if self.scope == QuotaScope.DEFAULT and (self.user_id is not None or self.group_id is not None):
+            raise ValidationError({"scope": _("The default quota applies to everyone: leave user and group empty.")})

@@ -85,6 +85,20 @@ _DESCRIPTIONS = {
     404: "No such object among yours (another user's object is a 404 too), or a page past the last.",
     415: "The body's media type is not one this operation reads (see the request body's content types).",
 }
+QUOTA_EXCEEDED = "QuotaExceeded"
+#: The body of a 403 for a quota (``core.errors.QuotaExceeded``).
+_QUOTA_SCHEMA = {
+    "type": "object",
+    "description": "Over one of your quotas (set by staff): which one, its limit and what you use now.",
+    "properties": {
+        "detail": {"type": "string", "description": "What is over the quota, in words."},
+        "quota": {"type": "string", "enum": ["max_waiting_tasks", "max_gpus", "gpu_hours_per_week",
+                                             "max_deployments", "max_storage_gb"]},
+        "limit": {"type": "number", "description": "The quota (GB for max_storage_gb)."},
+        "used": {"type": "number", "description": "What you use now, or what the request asks for."},
+    },
+    "required": ["detail", "quota", "limit", "used"],
+}
 
 
 class AutoSchema(SpectacularAutoSchema):
@@ -96,6 +110,8 @@ class AutoSchema(SpectacularAutoSchema):
       ``POST``/``PUT``/``PATCH``/``DELETE`` (a service refuses what the object's state does not allow);
     * 401: an operation that authenticates (a missing, invalid or revoked token);
     * 403: a permission beyond being logged in (staff-only actions);
+    * 403, :data:`QUOTA_EXCEEDED`: an action a quota can refuse (the view's ``quota_actions``: action
+      names of a viewset, HTTP methods of a plain view);
     * 404: a path parameter (an object that is not yours is a 404), or a paginated list (a page past
       the last);
     * 415: a request body (a media type the operation does not read).
@@ -122,6 +138,14 @@ class AutoSchema(SpectacularAutoSchema):
         if "requestBody" in operation:
             codes.append(415)
         responses = operation["responses"]
+        quota_limited = getattr(self.view, "quota_actions", ())
+        if "403" not in responses and (getattr(self.view, "action", None) in quota_limited
+                                       or self.method in quota_limited):
+            responses["403"] = {
+                "content": {"application/json": {"schema": self._error_component(QUOTA_EXCEEDED)}},
+                "description": "Over one of your quotas, or not allowed to do this.",
+            }
+            codes = [code for code in codes if code != 403]
         for code in codes:
             if str(code) not in responses:
                 name = VALIDATION_ERROR if code == 400 else ERROR
@@ -164,7 +188,7 @@ class AutoSchema(SpectacularAutoSchema):
     def _error_component(self, name: str) -> dict[str, str]:
         component = ResolvedComponent(
             name=name, type=ResolvedComponent.SCHEMA, object=name,
-            schema=_VALIDATION_ERROR_SCHEMA if name == VALIDATION_ERROR else _ERROR_SCHEMA,
+            schema={VALIDATION_ERROR: _VALIDATION_ERROR_SCHEMA, QUOTA_EXCEEDED: _QUOTA_SCHEMA}.get(name, _ERROR_SCHEMA),
         )
         self.registry.register_on_missing(component)
         return component.ref

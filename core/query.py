@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import django_filters
+from django.db.models import QuerySet
 from django.utils.translation import gettext_lazy as _
 from rest_framework import filters, serializers
 from rest_framework.exceptions import ValidationError
@@ -87,6 +88,36 @@ class Pagination(PageNumberPagination):
                 parameter["description"] = (f"Results a page (default {self.page_size}; a larger number gives "
                                              f"{self.max_page_size}).")
         return parameters
+
+
+class KeysFirst:
+    """An ordered queryset as a paginator (Django's or DRF's) counts and slices it, fast when it is
+    deep: a slice reads the page's primary keys first (``SELECT id … ORDER BY … OFFSET n LIMIT k``,
+    an index-only scan where an index covers the filter and the order), then only those rows, with
+    the queryset's ``select_related`` and ``prefetch_related``. A plain ``OFFSET`` over the full
+    rows reads (and throws away) every row before the page from the table.
+
+    Two queries a slice, whatever its depth; ``count()`` is the queryset's own (index-only too)."""
+
+    def __init__(self, queryset: QuerySet[Any]) -> None:
+        self.queryset = queryset
+
+    def count(self) -> int:
+        return self.queryset.count()
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __getitem__(self, key: slice) -> list[Any]:
+        if not isinstance(key, slice):
+            raise TypeError("KeysFirst takes slices only")
+        keys = list(self.queryset.prefetch_related(None).values_list("pk", flat=True)[key])
+        if not keys:
+            return []
+        # The rows by key (no ORDER BY, no OFFSET: the planner reads the primary key index), then
+        # in the keys' order.
+        rows = {row.pk: row for row in self.queryset.order_by().filter(pk__in=keys)}
+        return [rows[k] for k in keys if k in rows]
 
 
 class FilterSet(django_filters.FilterSet):

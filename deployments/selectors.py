@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.shortcuts import get_object_or_404
+from django.utils.translation import gettext as _
 
 from deployments.models import Deployment, DeploymentLogLine
 from gpus.models import Host
@@ -47,3 +48,22 @@ def deployable_tasks(*, user: Any) -> QuerySet[FinetuningTask]:
     """The user's tasks that have saved a checkpoint (what the create form offers)."""
     return (FinetuningTask.objects.for_user(user).visible().exclude(last_checkpoint="")
             .order_by("-created_at").only("pk", "name", "last_checkpoint", "status", "output_path"))
+
+
+def deployments_serving_task(*, task: FinetuningTask) -> QuerySet[Deployment]:
+    """The active deployments (waiting, starting or serving) of one of the task's checkpoints or merged
+    models: by the task they name, or by a model folder inside its output folder."""
+    uses = Q(task_id=task.pk)
+    if task.output_path:
+        uses |= Q(model_path__startswith=task.output_path.rstrip("/") + "/")
+    return Deployment.objects.active().filter(uses).order_by("pk")
+
+
+def task_outputs_guard(task: FinetuningTask) -> str | None:
+    """Why the task's outputs may not be deleted now (a deployment serves one of them), for
+    ``tasks.outputs.register_output_guard``; None when nothing serves them."""
+    serving = list(deployments_serving_task(task=task).values_list("pk", "name")[:3])
+    if not serving:
+        return None
+    names = ", ".join(f"#{pk} {name}" for pk, name in serving)
+    return _("deployment %(names)s serves a checkpoint of this task; stop it first") % {"names": names}

@@ -17,6 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from accounts.services import quota_limits
 from core.errors import ServiceValidationError
 from core.live.publish import publish
 from core.swift_cli.training_args import TrainingArgsError
@@ -37,12 +38,14 @@ from deployments.models import (
 )
 from gpus.models import Lane, RunKind
 from gpus.placement import Request, impossible_reason
+from gpus.quotas import check_deployment_admission, check_gpu_request, owner_lock
 from gpus.selectors import inventory_snapshot
 from gpus.services import run_create, run_stop, runs_delete
 from tasks.command import normalize_gpu_config, task_hub_refusals
 from tasks.models import FinetuningTask, TrainType
 from tasks.paths import PathError, is_within, resolve_model, workspace_dir
 from tasks.selectors import task_checkpoints
+from tasks.services import outputs_deleted_text
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ def _task_id(value: Any) -> int | None:
 def _resolve_checkpoint(task: FinetuningTask, checkpoint: Any, errors: dict[str, Any]) -> Path | None:
     """The checkpoint folder to serve: the one named (inside the task's output folder) or the task's
     last one."""
+    if task.outputs_deleted_at is not None:
+        errors["task"] = outputs_deleted_text(task)
+        return None
     output = Path(task.output_path) if task.output_path else None
     if checkpoint not in (None, ""):
         if not isinstance(checkpoint, str) or "\x00" in checkpoint:
@@ -195,11 +201,16 @@ def deployment_create(
         raise ServiceValidationError(errors)
     assert path is not None
     estimate = estimate_inference_memory_gb(model_source=params[0], model_path=params[1], base_model=params[2])
-    reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot(everything=True))
+    request, everything = Request.from_task(gpu, estimate), inventory_snapshot(everything=True)
+    reason = impossible_reason(request, everything)
     if reason:
         raise ServiceValidationError({"gpu_config": _("this request can never run here: %(reason)s")
                                       % {"reason": reason}})
     with transaction.atomic():
+        owner_lock(owner)
+        limits = quota_limits(user=owner)
+        check_gpu_request(owner=owner, request=request, hosts=everything, limits=limits)
+        check_deployment_admission(owner=owner, limits=limits)
         deployment = Deployment.objects.create(
             owner=owner, name=name, source=source, task=source_task, model_path=str(path), base_model=base_model,
             backend=backend, gpu_config=gpu, memory_estimate_gb=estimate, deploy_args={**extra_args, **args},

@@ -233,6 +233,13 @@ class DeployWorkload(Workload):
         Deployment.objects.filter(pk=run.subject_id, run_id=run.pk, status=DeploymentStatus.PENDING).update(host="")
 
     @classmethod
+    def waiting(cls, run: Run, reason: str) -> None:
+        # The reason lives on the run (``deployment.wait_reason`` reads it): the page reads it again.
+        deployment = Deployment.objects.filter(pk=run.subject_id, run_id=run.pk).first()
+        if deployment is not None:
+            deployment_changed(deployment)
+
+    @classmethod
     def failed_unsupervised(cls, run: Run, reason: str) -> None:
         deployment = Deployment.objects.filter(pk=run.subject_id, run_id=run.pk).first()
         if deployment is not None and deployment_finish(deployment=deployment, status=DeploymentStatus.FAILED):

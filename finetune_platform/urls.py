@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/finetuning/", include("tasks.api.urls")),
     path("api/gpus/", include("gpus.api.urls")),
     path("api/deployments/", include("deployments.api.urls")),
+    path("api/usage/", include("usage.api_urls")),
     # Like every page, the API's description needs a log-in: the schema answers 401 without one
     # (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]), the two HTML viewers send a visitor to the log-in page.
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

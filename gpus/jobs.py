@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
+from django.conf import settings
+
 from gpus import scheduler, supervisor
 from gpus.services import reservations_release_orphans
+from gpus.workloads import registered_workloads
+
+logger = logging.getLogger(__name__)
 
 
 def run(run_id: int) -> str:
@@ -20,4 +27,9 @@ def sweep() -> str:
     requeued = supervisor.requeue_stranded()
     orphans = reservations_release_orphans()
     queued = scheduler.dispatch()
+    for workload in registered_workloads():  # each kind's own upkeep (a task's disk use, issue 12)
+        try:
+            workload.swept(settings.FINETUNE_HOST)
+        except Exception:  # noqa: BLE001 - upkeep must not stop the sweep; the next one retries
+            logger.exception("the sweep's upkeep of %s runs failed", workload.kind)
     return f"lost={lost} requeued={requeued} orphans={orphans} queued={queued}"

@@ -18,6 +18,7 @@ class GpuSlot:
     index: int
     uuid: str
     memory_total_mb: int
+    name: str = ""  # the GPU model ("NVIDIA H100 80GB HBM3"): what usage is counted by
 
 
 @dataclass

@@ -80,7 +80,8 @@ def inventory_snapshot(*, everything: bool = False) -> list[Any]:
     # inventory: counting it as "a host with nothing" would refuse requests while a worker starts.
     hosts = Host.objects.filter(last_seen_at__isnull=False) if everything else Host.objects.live().filter(enabled=True)
     for host in hosts.prefetch_related("gpus", "reservations"):
-        gpus = [GpuSlot(id=g.pk, host=host.name, index=g.index, uuid=g.uuid, memory_total_mb=g.memory_total_mb)
+        gpus = [GpuSlot(id=g.pk, host=host.name, index=g.index, uuid=g.uuid, memory_total_mb=g.memory_total_mb,
+                        name=g.name)
                 for g in host.gpus.all() if g.present and (g.enabled or everything)]
         held_gpus = {r.gpu_id for r in host.reservations.all() if r.gpu_id}
         held_slots = {r.cpu_slot for r in host.reservations.all() if r.cpu_slot is not None}

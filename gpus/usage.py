@@ -12,7 +12,7 @@ Runs booked before usage accounting existed have no ``resources`` and count as z
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -69,7 +69,9 @@ def _runs_in(since: datetime, until: datetime, owner_ids: Iterable[int] | None) 
     )
     if owner_ids is not None:
         runs = runs.filter(owner_id__in=list(owner_ids))
-    return runs.values_list("owner_id", "kind", "resources", "started_at", "finished_at").iterator(chunk_size=2000)
+    return runs.order_by().values_list("owner_id", "kind", "resources", "started_at", "finished_at").iterator(
+        chunk_size=2000
+    )
 
 
 def usage_by_owner(
@@ -82,6 +84,24 @@ def usage_by_owner(
     for owner_id, kind, resources, started, finished in _runs_in(since, until, owner_ids):
         usage[owner_id].add(resources or {}, overlap_seconds(started, finished, since, until), kind)
     return dict(usage)
+
+
+def gpu_seconds_by_owner(
+    *, windows: Sequence[datetime], until: datetime | None = None, owner_ids: Iterable[int] | None = None
+) -> list[dict[int, float]]:
+    """Each user's GPU-seconds in ``[since, until)`` for each ``since`` of ``windows`` (``until``:
+    now), all in one query (the dispatcher needs its fair-share window and the rolling week)."""
+    if not windows:
+        return []
+    until = until or timezone.now()
+    totals: list[dict[int, float]] = [defaultdict(float) for _ in windows]
+    for owner_id, _kind, resources, started, finished in _runs_in(min(windows), until, owner_ids):
+        gpus = sum((resources or {}).get("gpus", {}).values())
+        if not gpus:
+            continue
+        for since, total in zip(windows, totals, strict=True):
+            total[owner_id] += gpus * overlap_seconds(started, finished, since, until)
+    return [dict(total) for total in totals]
 
 
 def usage_daily(*, since: datetime, until: datetime | None = None, owner_id: int | None = None) -> list[DayUsage]:
@@ -114,7 +134,7 @@ def gpus_held_by_owner(*, owner_ids: Iterable[int] | None = None) -> dict[int, i
     rows = Reservation.objects.filter(gpu__isnull=False, run__status__in=RUN_HOLDING_STATUSES)
     if owner_ids is not None:
         rows = rows.filter(run__owner_id__in=list(owner_ids))
-    return dict(rows.values("run__owner_id").annotate(n=Count("id")).values_list("run__owner_id", "n"))
+    return dict(rows.order_by().values("run__owner_id").annotate(n=Count("id")).values_list("run__owner_id", "n"))
 
 
 def active_deployments_by_owner(*, owner_ids: Iterable[int] | None = None) -> dict[int, int]:

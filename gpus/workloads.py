@@ -121,8 +121,19 @@ class Workload:
         shutting down)."""
 
     @classmethod
+    def waiting(cls, run: Run, reason: str) -> None:
+        """In the dispatch's transaction: why the waiting run is passed over changed (``reason``: a
+        quota, in words for its owner, already written to ``run.wait_reason``; "" once it no longer
+        applies). The subject's page shows it."""
+
+    @classmethod
     def failed_unsupervised(cls, run: Run, reason: str) -> None:
         """The run was failed, or found lost, by the reconciler (no supervisor is left to say so)."""
+
+    @classmethod
+    def swept(cls, host: str) -> None:
+        """Periodic upkeep of this kind's subjects on ``host`` (every host's minutely sweep calls it):
+        cheap, bounded work such as measuring the disk that running tasks use."""
 
     @classmethod
     def holders(cls, runs: Sequence[Run], user: Any) -> dict[int, dict[str, Any]]:
@@ -154,6 +165,11 @@ def register(workload: type[Workload]) -> type[Workload]:
     """Register a workload class for its ``kind`` (from an ``AppConfig.ready()``); usable as a decorator."""
     _REGISTRY[workload.kind] = workload
     return workload
+
+
+def registered_workloads() -> list[type[Workload]]:
+    """Every registered workload class, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def workload_for(kind: str) -> type[Workload]:

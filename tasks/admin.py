@@ -15,6 +15,7 @@ from core.errors import ServiceValidationError
 from gpus.services import run_set_queue_fields
 from tasks import services
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskExport, TaskLogLine, TaskMetric
+from tasks.outputs import human_bytes
 
 
 class TaskEventInline(admin.TabularInline):
@@ -38,11 +39,34 @@ RUNTIME_FIELDS = [
 ]
 
 
+STORAGE_FIELDS = ["output_bytes", "output_measured_at", "outputs_deleted_at"]
+
+
+class StorageFilter(admin.SimpleListFilter):
+    """Find the tasks that fill the disk (sort by the Storage column for the largest first)."""
+
+    title = "storage"
+    parameter_name = "storage"
+    _AT_LEAST = {"1gb": 10**9, "10gb": 10 * 10**9, "100gb": 100 * 10**9}
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("1gb", "1 GB or more"), ("10gb", "10 GB or more"), ("100gb", "100 GB or more"),
+                ("deleted", "Outputs deleted")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> QuerySet[FinetuningTask]:
+        value = self.value()
+        if value == "deleted":
+            return queryset.filter(outputs_deleted_at__isnull=False)
+        if value in self._AT_LEAST:
+            return queryset.filter(output_bytes__gte=self._AT_LEAST[value])
+        return queryset
+
+
 @admin.register(FinetuningTask)
 class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     list_display = ["id", "name", "owner", "task_type", "train_type", "status", "progress", "priority",
-                    "host", "created_at", "finished_at"]
-    list_filter = ["status", "task_type", "train_type", "run__host", "owner"]
+                    "host", "storage", "created_at", "finished_at"]
+    list_filter = ["status", "task_type", "train_type", StorageFilter, "run__host", "owner"]
     search_fields = ["name", "description", "base_model", "owner__username"]
     # A task's definition was validated by the service when it was created; editing it here would
     # bypass that validation (and the resolved model path would no longer match), so only the name,
@@ -50,17 +74,19 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     readonly_fields = [
         "owner", "task_type", "train_type", "preset", "base_model", "datasets", "training_args", "gpu_config",
         "output_name", "held", "master_port", "memory_estimate_gb", "auto_export", *RUNTIME_FIELDS,
+        *STORAGE_FIELDS,
     ]
     list_select_related = ["owner", "run"]
     inlines = [TaskEventInline]
     actions = ["stop_tasks", "delete_tasks", "hold_tasks", "release_tasks", "raise_priority", "lower_priority",
-               "resume_tasks", "export_tasks"]
+               "resume_tasks", "export_tasks", "delete_outputs"]
     fieldsets = [
         (None, {"fields": ["name", "description", "owner", "task_type", "train_type", "preset", "priority"]}),
         ("What it trains", {"fields": ["base_model", "datasets", "training_args", "gpu_config", "output_name",
                                        "auto_export"]}),
         ("Scheduling", {"fields": ["held", "memory_estimate_gb", "master_port"]}),
         ("Runtime", {"fields": RUNTIME_FIELDS}),
+        ("Storage", {"fields": STORAGE_FIELDS}),
     ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -92,12 +118,12 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     @admin.action(description="Raise priority of selected waiting tasks by 1")
     def raise_priority(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
         self._each(request, queryset, lambda *, task: services.finetuning_task_set_priority(
-            task=task, priority=min(10, task.priority + 1)), "Raised the priority of {n} task(s).")
+            task=task, priority=min(10, task.priority + 1), by=request.user), "Raised the priority of {n} task(s).")
 
     @admin.action(description="Lower priority of selected waiting tasks by 1")
     def lower_priority(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
         self._each(request, queryset, lambda *, task: services.finetuning_task_set_priority(
-            task=task, priority=max(0, task.priority - 1)), "Lowered the priority of {n} task(s).")
+            task=task, priority=max(0, task.priority - 1), by=request.user), "Lowered the priority of {n} task(s).")
 
     def _each(
         self, request: HttpRequest, queryset: QuerySet[FinetuningTask], act: Callable[..., Any], done: str
@@ -119,6 +145,15 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
     @admin.action(description="Export (merge LoRA) the last checkpoint of selected tasks")
     def export_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
         self._each(request, queryset, services.task_export_create, "Queued {n} export(s).")
+
+    @admin.display(description="Storage", ordering="output_bytes")
+    def storage(self, obj: FinetuningTask) -> str:
+        """The task folder's measured size (checkpoints, merged models, logs); sortable."""
+        return human_bytes(obj.output_bytes)
+
+    @admin.action(description="Delete outputs of selected tasks (checkpoints and merged models; keeps the records)")
+    def delete_outputs(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
+        self._each(request, queryset, services.task_outputs_delete, "Deleted the outputs of {n} task(s).")
 
     @admin.action(description="Stop selected tasks")
     def stop_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:

@@ -170,6 +170,21 @@ def ensure_checkpoint_base_model(checkpoint: Path) -> None:
         raise LaunchError(str(exc)) from None
 
 
+def default_save_total_limit() -> int | None:
+    """The ``save_total_limit`` a task that sets none is given (``FINETUNE_DEFAULT_SAVE_TOTAL_LIMIT``);
+    ``None`` when the setting is 0, which leaves swift's own default (every checkpoint is kept)."""
+    return settings.FINETUNE_DEFAULT_SAVE_TOTAL_LIMIT or None
+
+
+def with_default_save_total_limit(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the platform's default ``save_total_limit`` when the task sets none: a task with
+    ``save_steps=1`` must not fill the shared disk (docs/operations.md, "Storage")."""
+    default = default_save_total_limit()
+    if default is None or args.get("save_total_limit") is not None:
+        return args
+    return {**args, "save_total_limit": default}
+
+
 def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | None = None) -> list[str]:
     """The complete argv for a task, starting with the swift executable.
 
@@ -197,6 +212,7 @@ def build_argv(task: FinetuningTask, *, output_dir: Path, resume_from: Path | No
         # LoRA-only knobs mean nothing for full training; swift would reject nothing but keep it clean.
         for key in ("lora_rank", "lora_alpha", "lora_dropout", "target_modules"):
             args.pop(key, None)
+    args = with_default_save_total_limit(args)
     argv += training_args_to_argv(args)
     if resume_from is not None:
         checkpoint = Path(resume_from)

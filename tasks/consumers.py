@@ -57,7 +57,7 @@ CSRF_PLACEHOLDER = "live"
 #: Fields that change on every read; sent along with a real change only (pages tick them locally).
 VOLATILE_FIELDS = ("elapsed_seconds",)
 #: A change of one of these may change the task page's cards (see ``task_cards_revision``).
-CARD_TRIGGER_FIELDS = frozenset({"status", "last_checkpoint", "error_message", "stop_requested"})
+CARD_TRIGGER_FIELDS = frozenset({"status", "last_checkpoint", "error_message", "stop_requested", "wait_reason"})
 #: What a list row shows; a row is sent again when one of these changes.
 LIST_FIELDS = ("status", "progress", "current_step", "max_steps", "loss", "eta_seconds", NONFINITE_KEY, "finished_at")
 
@@ -94,6 +94,8 @@ def task_state(task: FinetuningTask) -> dict[str, Any]:
         "exit_code": task.exit_code,
         "stop_requested": task.stop_requested_at is not None,
         "is_active": task.is_active,
+        # Why the dispatcher passes the waiting task over (a quota), in words; "" otherwise.
+        "wait_reason": task.wait_reason,
     }
 
 
@@ -166,6 +168,9 @@ class TaskConsumer(StreamConsumer):
         return [line_payload(line) for line in selectors.task_log_lines(task=self.task_id, after=after, limit=limit)]
 
     async def start(self) -> None:
+        # The page drew its chart from a sample of the points up to this id (0: send every point).
+        values = self.query.get("metrics_after") or ["0"]
+        self.metric_id = int(values[0]) if values[0].isascii() and values[0].isdigit() and len(values[0]) < 19 else 0
         self.sent_seq = self.query_after()
         if self.sent_seq is None:
             self.waiting = asyncio.create_task(self._start_without_resume())
@@ -224,7 +229,7 @@ class TaskConsumer(StreamConsumer):
         events = list(message.get("events") or []) + ([message["event"]] if message.get("event") else [])
         if events:
             out["events"] = events
-        fields = {key: message[key] for key in (*PROGRESS_FIELDS, NONFINITE_KEY) if key in message}
+        fields = {key: message[key] for key in (*PROGRESS_FIELDS, NONFINITE_KEY, "wait_reason") if key in message}
         task: FinetuningTask | None = None
         if fields.get("status") and fields["status"] != self.state.get("status"):
             # A new status brings fields the publisher does not carry (times, error): read them.

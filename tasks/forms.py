@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.utils.translation import gettext, gettext_noop
 from django.utils.translation import gettext_lazy as _
 
@@ -214,6 +215,11 @@ class TaskForm(GpuRequestForm):
 
     def __init__(self, *args: Any, datasets: list[Any] = (), **kwargs: Any) -> None:  # type: ignore[assignment]
         super().__init__(*args, **kwargs)
+        cap = settings.FINETUNE_USER_MAX_PRIORITY
+        self.fields["priority"].initial = min(5, cap)
+        if cap < 10:
+            self.fields["priority"].help_text = gettext("0-10; larger runs first. Above %(cap)s is for staff.") % {
+                "cap": cap}
         self.fields["datasets"].choices = [
             (str(ds.pk), f"{ds.name} — {ds.get_format_display()}, {ds.rows} " + gettext("rows")) for ds in datasets
         ]

@@ -161,7 +161,16 @@ class FinetuningTask(CurrentRun):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
-            models.Index(fields=["owner", "-created_at"]),
+            # The lists (API, seed API, pages) of one user's visible tasks, newest first: page 1 reads
+            # 20 entries, a count or a deep page's offset walks this index alone (an index-only scan).
+            models.Index(fields=["owner", "-created_at", "-id"], condition=models.Q(delete_requested_at__isnull=True),
+                         name="task_owner_visible_newest"),
+            # … filtered by status (the list page's tabs, ?status=).
+            models.Index(fields=["owner", "status", "-created_at", "-id"],
+                         condition=models.Q(delete_requested_at__isnull=True), name="task_owner_status_newest"),
+            # Staff see every user's tasks.
+            models.Index(fields=["-created_at", "-id"], condition=models.Q(delete_requested_at__isnull=True),
+                         name="task_visible_newest"),
             models.Index(fields=["status", "-priority", "created_at"]),
         ]
         constraints = [
@@ -254,6 +263,12 @@ class TaskMetric(models.Model):
     class Meta:
         ordering = ["task", "step", "kind"]
         constraints = [models.UniqueConstraint(fields=["task", "kind", "step"], name="metric_task_kind_step")]
+        indexes = [
+            # The metrics API: a task's points by step (the unique index is by kind first).
+            models.Index(fields=["task", "step", "kind"], name="metric_task_step_kind"),
+            # The task page's socket: the points stored after a cursor (a point id), in id order.
+            models.Index(fields=["task", "id"], name="metric_task_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_id}:{self.kind}:{self.step}"
@@ -276,6 +291,7 @@ class EventKind(models.TextChoices):
     EXPORT_QUEUED = "export_queued", _("Export queued")
     EXPORTED = "exported", _("Exported")
     EXPORT_FAILED = "export_failed", _("Export failed")
+    OUTPUTS_DELETED = "outputs_deleted", _("Outputs deleted")
 
 
 class TaskEvent(models.Model):

@@ -6,20 +6,23 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from django.db.models import QuerySet
-from django.db.models.functions import Length
+from django.db import connection
+from django.db.models import F, QuerySet, Sum, Window
+from django.db.models.functions import Length, RowNumber
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from gpus.models import Host
+from gpus.models import Host, Run
 from gpus.placement import UNKNOWN, GpuSlot, Request, TimedHost, earliest_start, occupy
+from gpus.scheduler import serving_order
 from tasks.models import (
     Dataset,
     FinetuningTask,
@@ -65,6 +68,50 @@ def task_log_page(
 
 def task_metric_points(*, task: FinetuningTask, after_step: int = 0) -> QuerySet[TaskMetric]:
     return TaskMetric.objects.filter(task=task, step__gt=after_step).order_by("step", "kind")
+
+
+#: The task page draws at most this many points of each kind (training, evaluation) when it opens.
+CHART_SAMPLE = 500
+
+
+def task_metric_cursor(*, task: FinetuningTask | int) -> int:
+    """The id of the task's newest metric point (0 without any): a page that drew its chart from a
+    sample taken after reading it asks its socket only for the points after it."""
+    newest = TaskMetric.objects.filter(task=task).order_by("-pk").values_list("pk", flat=True).first()
+    return newest or 0
+
+
+def task_metric_sample(*, task: FinetuningTask | int, per_kind: int = CHART_SAMPLE) -> list[TaskMetric]:
+    """The task's chart, bounded: for each kind, the first point at or after each of ``per_kind + 1``
+    evenly spaced steps from its first step to its last (so the first and the last point are in,
+    and every point of a task with fewer). One query of at most ``2 × (per_kind + 1)`` index probes,
+    whether the task has 20 points or 100,000; by step."""
+    table = TaskMetric._meta.db_table
+    # Portable SQL (PostgreSQL and SQLite): each probe is a scalar subquery reading one entry of the
+    # (task, kind, step) unique index. PostgreSQL would inline the CTEs and evaluate the bounds again
+    # for every probe: they are computed once.
+    once = "MATERIALIZED" if connection.vendor == "postgresql" else ""
+    sql = f"""
+        WITH RECURSIVE probe (i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM probe WHERE i < %(n)s),
+        kinds (kind) AS (SELECT 'train' UNION ALL SELECT 'eval'),
+        bounds AS {once} (
+            SELECT kinds.kind,
+                   (SELECT min(step) FROM {table} WHERE task_id = %(task)s AND kind = kinds.kind) AS lo,
+                   (SELECT max(step) FROM {table} WHERE task_id = %(task)s AND kind = kinds.kind) AS hi
+            FROM kinds
+        ),
+        picked AS {once} (
+            SELECT (SELECT m.id FROM {table} AS m
+                    WHERE m.task_id = %(task)s AND m.kind = bounds.kind
+                      AND m.step >= bounds.lo + (bounds.hi - bounds.lo) * probe.i / %(n)s
+                    ORDER BY m.step LIMIT 1) AS id
+            FROM bounds CROSS JOIN probe WHERE bounds.lo IS NOT NULL
+        )
+        SELECT id, task_id, kind, step, loss, learning_rate FROM {table}
+        WHERE id IN (SELECT id FROM picked) ORDER BY step, kind
+    """  # the table name is the model's; the values are parameters. Other columns are deferred.
+    task_id = task.pk if isinstance(task, FinetuningTask) else int(task)
+    return list(TaskMetric.objects.raw(sql, {"task": task_id, "n": max(1, per_kind)}))
 
 
 def task_log_tail(*, task: FinetuningTask, lines: int = 40) -> list[TaskLogLine]:
@@ -222,6 +269,29 @@ def _waiting() -> QuerySet[FinetuningTask]:
     )
 
 
+def _serving_order(hosts: list[TimedHost], limit: int | None) -> list[FinetuningTask]:
+    """The first ``limit`` waiting tasks in the dispatcher's order (``gpus.scheduler.serving_order``:
+    priority, then users take turns). No user can have more than ``limit`` tasks among the first
+    ``limit``, so only each user's first ``limit`` tasks are read (one query), not the whole queue."""
+    waiting = _waiting().select_related("owner", "run")
+    if limit is not None:
+        waiting = waiting.annotate(
+            owner_rank=Window(RowNumber(), partition_by=[F("owner_id")],
+                              order_by=[F("priority").desc(), F("created_at").asc(), F("id").asc()]),
+        ).filter(owner_rank__lte=limit)
+    tasks = list(waiting.queue_order())
+    by_run = {task.run_id: task for task in tasks if task.run is not None}
+
+    def gpus_of(run: Run) -> int:
+        resolved = Request.from_task(run.gpu_config or {}, run.memory_estimate_gb).resolved(hosts)
+        return resolved.count if resolved.kind == "gpu" else 0
+
+    ordered = [by_run[run.pk] for run in serving_order([task.run for task in tasks if task.run is not None],
+                                                       gpus_of=gpus_of)]
+    ordered += [task for task in tasks if task.run is None]
+    return ordered[:limit] if limit is not None else ordered
+
+
 def queue_entries(*, user: Any, limit: int | None = None) -> list[QueueEntry]:
     """Every waiting (``pending``) task in the order the dispatcher considers them (the first
     ``limit``), with an estimated start from the running tasks' ETAs (``None`` when it depends on
@@ -234,15 +304,14 @@ def queue_entries(*, user: Any, limit: int | None = None) -> list[QueueEntry]:
     now = timezone.now()
     hosts = _timed_inventory()
     entries: list[QueueEntry] = []
-    waiting = _waiting().queue_order().select_related("owner", "run")
-    if limit is not None:
-        waiting = waiting[:limit]
-    for position, task in enumerate(waiting, start=1):
+    for position, task in enumerate(_serving_order(hosts, limit), start=1):
         request = Request.from_task(task.gpu_config or {}, task.memory_estimate_gb)
         visible = bool(getattr(user, "is_staff", False) or task.owner_id == getattr(user, "pk", None))
         start: datetime | None = None
         if task.held:
             note = _("on hold")
+        elif task.wait_reason:  # a quota: it starts when the quota allows, not when GPUs free up
+            note = task.wait_reason if visible else _("waits for its owner's quota")
         elif not hosts:
             note = _("no worker host is online")
         else:
@@ -378,7 +447,7 @@ def task_checkpoint_default(*, task: FinetuningTask, checkpoints: list[Checkpoin
 #: What the task page's cards (error, details, checkpoints, exports, command line) are rendered from.
 _CARD_FIELDS = (
     "status", "last_checkpoint", "run__command", "run__host", "run_number", "resume_from", "run__error",
-    "run__stop_requested_at", "output_path",
+    "run__stop_requested_at", "output_path", "run__wait_reason",
 )
 
 
@@ -485,3 +554,30 @@ def starts_in_text(seconds: float | None) -> str:
     if hours < 24:
         return _("in ~%(h)s h %(m)s min") % {"h": hours, "m": minutes}
     return _("in ~%(d)s d %(h)s h") % {"d": hours // 24, "h": hours % 24}
+
+
+# --- storage (issue 12; docs/operations.md "Storage") -----------------------------------------------
+def storage_by_owner(*, owner_ids: Iterable[int] | None = None) -> dict[int, int]:
+    """Bytes each owner uses on the shared disk: the measured folders of their tasks (checkpoints,
+    merged exports, logs: ``FinetuningTask.output_bytes``, including tasks whose delete waits for
+    their process) plus their uploaded datasets. Every owner in ``owner_ids`` is in the answer (0 when
+    they use nothing); without ``owner_ids``, every owner that uses something. Two queries."""
+    tasks = FinetuningTask.objects.order_by()
+    datasets = Dataset.objects.order_by()
+    totals: dict[int, int] = {}
+    if owner_ids is not None:
+        ids = [int(pk) for pk in owner_ids]
+        tasks, datasets = tasks.filter(owner_id__in=ids), datasets.filter(owner_id__in=ids)
+        totals = dict.fromkeys(ids, 0)
+    for rows in (tasks.values("owner_id").annotate(total=Sum("output_bytes")),
+                 datasets.values("owner_id").annotate(total=Sum("size_bytes"))):
+        for row in rows:
+            totals[row["owner_id"]] = totals.get(row["owner_id"], 0) + int(row["total"] or 0)
+    return totals
+
+
+def largest_outputs(*, limit: int = 50) -> list[FinetuningTask]:
+    """The tasks whose folders use the most disk, largest first, with their owner (for staff: who to
+    ask to delete outputs). Tasks using nothing measured are left out."""
+    return list(FinetuningTask.objects.filter(output_bytes__gt=0).select_related("owner")
+                .order_by("-output_bytes", "-pk")[:limit])

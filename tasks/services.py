@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -32,6 +33,7 @@ from tasks.models import (
     ACTIVE_EXPORT_STATUSES,
     PREFERENCE_TASK_TYPES,
     RESUMABLE_STATUSES,
+    TERMINAL_STATUSES,
     Dataset,
     EventKind,
     ExportStatus,
@@ -42,9 +44,18 @@ from tasks.models import (
     TaskType,
     TrainType,
 )
+from tasks.outputs import (
+    deletable_outputs,
+    human_bytes,
+    output_guard_refusals,
+    remove_output,
+    task_folder,
+    task_folder_bytes,
+)
 from tasks.paths import PathError, check_hub_model, datasets_dir, is_within, resolve_model, task_dir
 from tasks.presets import PresetError, get_preset
 from tasks.publisher import broadcast, publish_event
+from tasks.quotas import check_storage, check_task_admission
 from tasks.selectors import Checkpoint, task_checkpoint_default, task_checkpoint_list
 from tasks.uploads import dataset_limit_bytes, too_large_message
 
@@ -84,7 +95,7 @@ def finetuning_task_create(
     train_type: str = TrainType.LORA,
     training_args: Any = None,
     gpu_config: Any = None,
-    priority: int = 5,
+    priority: Any = None,
     output_name: str = "",
     preset: str = "",
     auto_export: bool = False,
@@ -102,8 +113,9 @@ def finetuning_task_create(
         errors["task_type"] = _("must be one of: %(choices)s") % {"choices": ", ".join(TaskType.values)}
     if train_type not in TrainType.values:
         errors["train_type"] = _("must be one of: %(choices)s") % {"choices": ", ".join(TrainType.values)}
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
-        errors["priority"] = _("must be a whole number from 0 to 10 (larger runs first)")
+    priority = default_priority() if priority is None else priority
+    if refused := _priority_refusal(priority, staff=bool(getattr(owner, "is_staff", False))):
+        errors["priority"] = refused
     model = None
     hub_trusted = account_hub_trusted(user=owner)  # hub code runs on the workers (docs/security.md, C1)
     try:
@@ -141,11 +153,13 @@ def finetuning_task_create(
     assert model is not None
     estimate = estimate_memory_gb(model_source=model.source, model_path=model.argument, base_model=base_model,
                                   train_type=train_type, training_args=args)
-    reason = impossible_reason(Request.from_task(gpu, estimate), inventory_snapshot(everything=True))
+    request, everything = Request.from_task(gpu, estimate), inventory_snapshot(everything=True)
+    reason = impossible_reason(request, everything)
     if reason:
         raise ServiceValidationError({"gpu_config": _("this request can never run here: %(reason)s")
                                       % {"reason": reason}})
     with transaction.atomic():
+        check_task_admission(owner=owner, request=request, hosts=everything)
         task = FinetuningTask.objects.create(
             owner=owner, name=name, description=description or "", task_type=task_type, train_type=train_type,
             priority=priority, base_model=base_model.strip(), model_source=model.source,
@@ -179,7 +193,7 @@ def finetuning_task_create_from_preset(
     description: str = "",
     output_name: str = "",
     gpu_config: Any = None,
-    priority: int = 5,
+    priority: Any = None,
     auto_export: bool = False,
 ) -> FinetuningTask:
     """Create a task from a preset: only the preset name is required."""
@@ -237,11 +251,12 @@ def finetuning_task_finish(*, task: FinetuningTask, status: str, error: str = ""
 
 
 def finetuning_task_after_finish(*, task_id: int) -> None:
-    """After the ending committed: purge a task whose delete was waiting for its process, or start the
-    export it asked for at creation."""
+    """After the ending committed: measure the task's folder, then purge a task whose delete was
+    waiting for its process, or start the export it asked for at creation."""
     row = FinetuningTask.objects.filter(pk=task_id).first()
     if row is None:
         return
+    _storage_measure_quietly(task_id=row.pk)
     if row.delete_requested_at is not None:
         finetuning_task_purge(task=row)
     elif row.status == TaskStatus.COMPLETED and row.auto_export and row.can_export:
@@ -259,11 +274,29 @@ def _auto_export(*, task: FinetuningTask) -> None:
         publish_event(task, EventKind.EXPORT_FAILED, "The automatic export could not be queued (see the server log).")
 
 
-def finetuning_task_set_priority(*, task: FinetuningTask, priority: Any) -> FinetuningTask:
-    """Change a task's priority (0-10, larger first). Only a task that has not started yet moves in
-    the queue; the queue is dispatched at once."""
+def default_priority() -> int:
+    """The priority a task gets when it names none: 5, or the highest a user may set if lower."""
+    return min(5, settings.FINETUNE_USER_MAX_PRIORITY)
+
+
+def _priority_refusal(priority: Any, *, staff: bool) -> str | None:
+    """Why ``priority`` is not allowed (0-10, larger first; above ``FINETUNE_USER_MAX_PRIORITY`` for
+    staff only), or None."""
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 10:
-        raise ServiceValidationError({"priority": _("must be a whole number from 0 to 10 (larger runs first)")})
+        return _("must be a whole number from 0 to 10 (larger runs first)")
+    cap = settings.FINETUNE_USER_MAX_PRIORITY
+    if priority > cap and not staff:
+        return _("priorities above %(cap)s are for staff (FINETUNE_USER_MAX_PRIORITY); choose 0 to %(cap)s, "
+                 "or ask an operator to raise it") % {"cap": cap}
+    return None
+
+
+def finetuning_task_set_priority(*, task: FinetuningTask, priority: Any, by: AbstractBaseUser) -> FinetuningTask:
+    """Change a task's priority (0-10, larger first; above ``FINETUNE_USER_MAX_PRIORITY`` only when
+    ``by`` is staff). Only a task that has not started yet moves in the queue; the queue is
+    dispatched at once."""
+    if refused := _priority_refusal(priority, staff=bool(getattr(by, "is_staff", False))):
+        raise ServiceValidationError({"priority": refused})
     with transaction.atomic():
         changed = FinetuningTask.objects.filter(pk=task.pk, status=TaskStatus.PENDING).update(priority=priority)
         if changed:
@@ -346,6 +379,8 @@ def _checkpoint_for(task: FinetuningTask, value: Any, *, checkpoints: list[Check
     """The checkpoint a request names: a step (``8``, ``"8"``), a folder inside the task's output
     folder (absolute, or relative to it: ``"checkpoint-8"``, ``"v0-…/checkpoint-12"``), or ``None``
     for the task's last checkpoint. Anything else is a 400 that names ``checkpoint``."""
+    if task.outputs_deleted_at is not None:
+        raise ServiceValidationError({"checkpoint": outputs_deleted_text(task)})
     checkpoints = task_checkpoint_list(task=task) if checkpoints is None else checkpoints
     if not checkpoints:
         raise ServiceValidationError({"checkpoint": _("the task has no checkpoint yet (swift saves one every "
@@ -405,7 +440,10 @@ def finetuning_task_resume(*, task: FinetuningTask, checkpoint: Any = None) -> F
     last_point = (TaskMetric.objects.filter(task=task, kind="train", step__lte=found.step)
                   .order_by("-step").first())
     progress = round(min(100.0, 100.0 * found.step / task.max_steps), 2) if task.max_steps else 0.0
+    everything = inventory_snapshot(everything=True)
     with transaction.atomic():
+        check_task_admission(owner=task.owner, request=Request.from_task(task.gpu_config, task.memory_estimate_gb),
+                             hosts=everything)
         changed = FinetuningTask.objects.filter(
             pk=task.pk, status__in=RESUMABLE_STATUSES, delete_requested_at__isnull=True
         ).update(
@@ -512,6 +550,7 @@ def task_export_finish(*, export: TaskExport, status: str, error: str = "", size
     row = TaskExport.objects.filter(pk=export.pk).select_related("task").first()
     if not changed or row is None:
         return False
+    _storage_measure_quietly(task_id=row.task_id)  # a merged model was written, or a partial one removed
     if status == ExportStatus.COMPLETED:
         publish_event(row.task, EventKind.EXPORTED, f"Exported {row.checkpoint_name}: merged model in "
                       f"{Path(row.output_path).name}", export=row.pk, output_path=row.output_path)
@@ -543,6 +582,7 @@ def dataset_create(
     name = (name or "").strip() or Path(original).stem
     if len(name) > 200:
         raise ServiceValidationError({"name": _("at most 200 characters")})
+    check_storage(owner=owner, adding=upload.size or 0)
     folder = datasets_dir(owner.pk)
     folder.mkdir(parents=True, exist_ok=True)
     stem = _SAFE_NAME.sub("_", Path(original).stem)[:80] or "dataset"
@@ -575,3 +615,104 @@ def dataset_delete(*, dataset: Dataset) -> None:
     if is_within(path, datasets_dir(dataset.owner_id)):
         path.unlink(missing_ok=True)
     dataset.delete()
+
+
+# --- storage (issue 12; docs/operations.md "Storage") --------------------------------------------
+#: A running task's folder is measured again by the sweep once its last measurement is this old.
+STORAGE_MEASURE_EVERY = timedelta(minutes=10)
+#: At most this many running tasks are measured per sweep (each walk lists a folder's files).
+STORAGE_SWEEP_BATCH = 20
+
+
+def task_storage_measure(*, task: FinetuningTask) -> int:
+    """Walk the task's folder (checkpoints, merged exports, logs; links not followed) and store the
+    bytes in ``output_bytes`` with the time in ``output_measured_at``. Called when a run or an export
+    ends, after outputs are deleted, and by the sweep for running tasks. Returns the bytes."""
+    size = task_folder_bytes(task)
+    now = timezone.now()
+    FinetuningTask.objects.filter(pk=task.pk).update(output_bytes=size, output_measured_at=now)
+    task.output_bytes, task.output_measured_at = size, now
+    return size
+
+
+def _storage_measure_quietly(*, task_id: int) -> None:
+    """Measure after a run or an export ended: a failure is logged, never the ending's problem (a
+    savepoint: an export's ending calls this inside the transaction that ends its run)."""
+    row = FinetuningTask.objects.filter(pk=task_id).first()
+    if row is None:
+        return
+    try:
+        with transaction.atomic():
+            task_storage_measure(task=row)
+    except Exception:  # noqa: BLE001 - the figure is refreshed by the next measurement
+        logger.exception("could not measure the storage of task %s", task_id)
+
+
+def task_storage_sweep(*, host: str) -> int:
+    """Measure the running tasks on ``host`` whose figure is older than :data:`STORAGE_MEASURE_EVERY`
+    (never measured first), at most :data:`STORAGE_SWEEP_BATCH` of them: the periodic sweep calls
+    it on every host (``TrainingWorkload.swept``), where their folders are written. Returns how many."""
+    stale = timezone.now() - STORAGE_MEASURE_EVERY
+    due = (FinetuningTask.objects.filter(status=TaskStatus.RUNNING, run__host=host)
+           .filter(Q(output_measured_at__isnull=True) | Q(output_measured_at__lt=stale))
+           .order_by(F("output_measured_at").asc(nulls_first=True), "pk")[:STORAGE_SWEEP_BATCH])
+    count = 0
+    for task in due:
+        task_storage_measure(task=task)
+        count += 1
+    return count
+
+
+def outputs_deleted_text(task: FinetuningTask) -> str:
+    """What resume, export and the pages say about a task whose outputs were deleted."""
+    when = timezone.localtime(task.outputs_deleted_at).strftime("%Y-%m-%d %H:%M") if task.outputs_deleted_at else ""
+    return _("the outputs of this task (its checkpoints and merged models) were deleted on %(when)s; there is "
+             "nothing left to resume, export or deploy: create a new task to train again") % {"when": when}
+
+
+def _outputs_refusal(task: FinetuningTask) -> str | None:
+    """Why the task's outputs may not be deleted now, or None."""
+    if task.delete_requested_at is not None:
+        return _("the task is being deleted")
+    if task.status not in TERMINAL_STATUSES:
+        return _("the task is %(status)s; stop it first") % {
+            "status": _("running") if task.status == TaskStatus.RUNNING else _("waiting to start")}
+    export = TaskExport.objects.filter(task=task, status__in=ACTIVE_EXPORT_STATUSES).order_by("pk").first()
+    if export is not None:
+        return _("export %(export)s of %(checkpoint)s is %(status)s; wait for it to end or stop it first") % {
+            "export": export.pk, "checkpoint": export.checkpoint_name, "status": export.status}
+    refusals = output_guard_refusals(task)
+    return "; ".join(refusals) if refusals else None
+
+
+def task_outputs_delete(*, task: FinetuningTask) -> FinetuningTask:
+    """Delete a finished task's checkpoints and merged exports from disk (see :mod:`tasks.outputs`)
+    to free space; its record, log, metrics, events and export history stay. Refused with a 400
+    naming ``outputs`` while the task runs or waits, while one of its exports is active, or while a
+    guard objects (a deployment serves one of its checkpoints). ``last_checkpoint`` is cleared,
+    ``outputs_deleted_at`` set (resume and export then say why they cannot), the folder measured
+    again and "Outputs deleted: 1.2 GB freed" added to the timeline."""
+    task.refresh_from_db()
+    refused = _outputs_refusal(task)
+    if refused:
+        raise ServiceValidationError({"outputs": refused})
+    before = task_folder_bytes(task)
+    now = timezone.now()
+    # The claim first: from here on resume and export refuse (``_checkpoint_for``), so no new run
+    # starts from a checkpoint that is being removed.
+    claimed = FinetuningTask.objects.filter(
+        pk=task.pk, status__in=TERMINAL_STATUSES, delete_requested_at__isnull=True,
+    ).update(outputs_deleted_at=now, last_checkpoint="")
+    if not claimed:
+        task.refresh_from_db()
+        raise ServiceValidationError({"outputs": _outputs_refusal(task) or _("the task changed; try again")})
+    root = task_folder(task)
+    targets = deletable_outputs(task)
+    left = [path.name for path in targets if not remove_output(path, root=root)]
+    task.refresh_from_db()
+    freed = max(0, before - task_storage_measure(task=task))
+    message = _("Outputs deleted: %(size)s freed") % {"size": human_bytes(freed)}
+    if left:
+        message += " " + _("(%(n)s could not be removed: %(names)s)") % {"n": len(left), "names": ", ".join(left)}
+    publish_event(task, EventKind.OUTPUTS_DELETED, message, freed_bytes=freed, removed=len(targets) - len(left))
+    return task

@@ -15,6 +15,7 @@ urlpatterns = [
     path("tasks/<int:pk>/resume/", views.task_resume, name="task_resume"),
     path("tasks/<int:pk>/export/", views.task_export, name="task_export"),
     path("tasks/<int:pk>/delete/", views.task_delete, name="task_delete"),
+    path("tasks/<int:pk>/outputs/delete/", views.task_outputs_delete, name="task_outputs_delete"),
     path("datasets/", views.dataset_list, name="dataset_list"),
     path("datasets/new/", views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/", views.dataset_detail, name="dataset_detail"),

@@ -4,6 +4,7 @@ the live parts are the WebSocket consumers in ``tasks.consumers``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.contrib import messages
@@ -21,10 +22,12 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from core.errors import ServiceValidationError
 from core.labels import live_labels, service_error_text
+from core.query import KeysFirst
 from tasks import selectors, services
 from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
 from tasks.models import EventKind, FinetuningTask, TaskStatus, TaskType
+from tasks.outputs import human_bytes
 from tasks.presets import Preset, all_presets
 from tasks.uploads import DatasetUploadLimit, too_large_message
 
@@ -104,7 +107,8 @@ def task_list(request: HttpRequest) -> HttpResponse:
         queryset = queryset.filter(
             Q(name__icontains=query) | Q(base_model__icontains=query) | Q(output_name__icontains=query)
         )
-    page = Paginator(queryset, PAGE_SIZE).get_page(request.GET.get("page"))
+    # Keys first: a deep page walks an index, not the table (core.query.KeysFirst).
+    page = Paginator(KeysFirst(queryset), PAGE_SIZE).get_page(request.GET.get("page"))
     params = request.GET.copy()
     params.pop("page", None)
     context = {
@@ -221,17 +225,28 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     task = selectors.finetuning_task_get(user=request.user, pk=pk)
     tail_after = max(0, task.last_log_seq - LOG_TAIL)
     events, event_count = selectors.task_events_latest(task=task, limit=EVENTS_SHOWN)
+    metrics_after = selectors.task_metric_cursor(task=task)  # read before the sample: no point is missed
     context = {
         **_task_cards_context(request, task),
         "events": events,
         "event_count": event_count,
         "events_url": reverse("task-events", args=[task.pk]),
         "tail_after": tail_after,
+        "metrics_after": metrics_after,
         "live_labels": _live_labels(),
         "initial_state": task_state(task),
+        # The chart opens with a bounded sample of every point (not all of a long run's points).
+        "chart_points": [{"kind": p.kind, "step": p.step, "loss": _finite(p.loss),
+                          "learning_rate": _finite(p.learning_rate)}
+                         for p in selectors.task_metric_sample(task=task)],
         "download_url": reverse("task-logs-download", args=[task.pk]),
     }
     return render(request, "tasks/task_detail.html", context)
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: the chart skips such a step, as it does a socket's ``null``."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 @login_required
@@ -297,6 +312,23 @@ def task_delete(request: HttpRequest, pk: int) -> HttpResponse:
     services.finetuning_task_delete(task=task)
     messages.success(request, _("“%(name)s” was deleted. Its model output stays on disk.") % {"name": task.name})
     return redirect("task_list")
+
+
+@login_required
+@require_POST
+def task_outputs_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """Delete a finished task's checkpoints and merged models (the page asks for confirmation first,
+    as for every destructive action: the form's ``data-confirm``)."""
+    task = selectors.finetuning_task_get(user=request.user, pk=pk)
+    try:
+        task = services.task_outputs_delete(task=task)
+    except ServiceValidationError as exc:
+        messages.error(request, _("The outputs of “%(name)s” were not deleted: %(reason)s")
+                       % {"name": task.name, "reason": service_error_text(exc)})
+    else:
+        messages.success(request, _("The checkpoints and merged models of “%(name)s” were deleted; its folder now "
+                                    "uses %(size)s.") % {"name": task.name, "size": human_bytes(task.output_bytes)})
+    return redirect("task_detail", pk=task.pk)
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -396,7 +428,7 @@ def queue_priority(request: HttpRequest, pk: int) -> HttpResponse:
     except ValueError:
         priority = raw  # the service says what a priority must be
     try:
-        services.finetuning_task_set_priority(task=task, priority=priority)
+        services.finetuning_task_set_priority(task=task, priority=priority, by=request.user)
     except ServiceValidationError as exc:
         messages.error(
             request,

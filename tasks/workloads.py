@@ -45,6 +45,7 @@ from tasks.services import (
     finetuning_task_finish,
     finetuning_task_purge,
     task_export_finish,
+    task_storage_sweep,
 )
 
 _READ_CHUNK = 1 << 20
@@ -220,12 +221,23 @@ class TrainingWorkload(Workload):
             publish_event(task, EventKind.REQUEUED, reason)
 
     @classmethod
+    def waiting(cls, run: Run, reason: str) -> None:
+        # The reason lives on the run (``task.wait_reason`` reads it); tell the task's page and lists.
+        task = FinetuningTask.objects.filter(pk=run.subject_id, run_id=run.pk).first()
+        if task is not None:
+            broadcast(task, {"wait_reason": reason})
+
+    @classmethod
     def failed_unsupervised(cls, run: Run, reason: str) -> None:
         task = FinetuningTask.objects.filter(pk=run.subject_id, run_id=run.pk).first()
         if task is not None and finetuning_task_finish(task=task, status=TaskStatus.FAILED, error=reason):
             task.refresh_from_db()
             if task.delete_requested_at is not None:
                 finetuning_task_purge(task=task)
+
+    @classmethod
+    def swept(cls, host: str) -> None:
+        task_storage_sweep(host=host)  # the disk the running tasks of this host use (issue 12)
 
     @classmethod
     def holders(cls, runs: Sequence[Run], user: Any) -> dict[int, dict[str, Any]]:

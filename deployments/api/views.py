@@ -70,6 +70,7 @@ class DeploymentViewSet(
     client at its ``endpoint`` using your API token as the key."""
 
     serializer_class = DeploymentSerializer
+    quota_actions = ("create",)  # running deployments, GPUs at once
     lookup_value_regex = LOOKUP_VALUE_REGEX
     # JSON only: gpu_config and deploy_args are JSON values, which a form cannot carry as described.
     parser_classes = [parsers.JSONParser]

@@ -19,6 +19,7 @@
   const MAX_DOM_LINES = 5000;
 
   let lastSeq = Number(root.dataset.after) || 0;
+  const metricsAfter = Number(root.dataset.metricsAfter) || 0;
   let backfillAsked = false;
   const state = JSON.parse(document.getElementById("task-state").textContent);
   let elapsedBase = { value: state.elapsed_seconds, at: Date.now() };
@@ -134,6 +135,14 @@
       chartsDirty = true;
       window.requestAnimationFrame(drawCharts);
     }
+  }
+
+  // The page opens with a bounded sample of the task's points (every point of a short run); the
+  // socket adds the points it sends on top (a Map by step: a point it repeats is drawn once).
+  const sample = document.getElementById("chart-points");
+  if (sample) {
+    const initial = JSON.parse(sample.textContent);
+    if (initial.length) addMetrics(initial);
   }
 
   // --- log -------------------------------------------------------------------------------------------
@@ -307,7 +316,8 @@
 
   // --- the socket --------------------------------------------------------------------------------------
   const socket = new FTP.LiveSocket(root.dataset.wsPath, {
-    params: function () { return "after=" + lastSeq; },
+    // The chart opened with a sample of the points up to data-metrics-after: only later ones are sent.
+    params: function () { return "after=" + lastSeq + "&metrics_after=" + metricsAfter; },
     onStatus: FTP.setConnection,
     onOpen: function () { backfillAsked = false; },
     onMessage: function (message) {

@@ -21,10 +21,15 @@ from rest_framework.response import Response
 
 from core.api import JsonSerializer, described_field, json_field
 from core.errors import ServiceValidationError
-from core.query import query_value, single_value
-from gpus.selectors import run_gpu_memory_usage
+from core.query import KeysFirst, query_value, single_value
 from tasks import selectors, services
-from tasks.api.serializers import GPU_CONFIG_SCHEMA, MAX_CURSOR, PRESET_SCHEMA, gpu_config_cpu_is_boolean
+from tasks.api.serializers import (
+    GPU_CONFIG_SCHEMA,
+    MAX_CURSOR,
+    PRESET_SCHEMA,
+    gpu_config_cpu_is_boolean,
+    task_gpu_memory_usage,
+)
 from tasks.api.views import LOG_PAGE_CHARS, stop_and_wait, task_create_from_input
 from tasks.models import FinetuningTask, TaskStatus, TaskType, TrainType
 from tasks.paths import is_hub_dataset_id
@@ -69,7 +74,7 @@ def task_as_seed(task: FinetuningTask) -> dict[str, Any]:
         "currentStep": task.current_step, "maxSteps": task.max_steps, "currentEpoch": task.epoch,
         "etaSeconds": task.eta_seconds, "taskType": task.task_type, "trainType": task.train_type,
         "priority": task.priority, "createdAt": _epoch(task.created_at),
-        "memoryEstimateGb": task.memory_estimate_gb, "gpuMemoryUsage": run_gpu_memory_usage(task.run, task.gpu_config),
+        "memoryEstimateGb": task.memory_estimate_gb, "gpuMemoryUsage": task_gpu_memory_usage(task),
     }
 
 
@@ -303,7 +308,7 @@ def create_task(request: Request) -> Response:
         "base_model": given.get("baseModel") or "", "training_args": given.get("trainingArgs"),
         "gpu_config": given.get("gpuConfig"), "output_name": given.get("outputPath") or "",
         "task_type": given.get("taskType") or "sft", "train_type": given.get("trainType") or "lora",
-        "priority": 5 if given.get("priority") is None else given["priority"], "preset": given.get("preset") or "",
+        "priority": given.get("priority"), "preset": given.get("preset") or "",
     }
     if not data["preset"]:
         missing = {seed: ["This field is required."] for seed, value in
@@ -371,8 +376,9 @@ def get_task_list(request: Request) -> Response:
         raise ValidationError({"name": ["must not contain NUL characters"]})
     if name:
         qs = qs.filter(name__icontains=name)
-    total = qs.count()
-    rows = qs[(page - 1) * size : page * size]
+    tasks = KeysFirst(qs)  # a deep page walks an index, not the table
+    total = tasks.count()
+    rows = tasks[(page - 1) * size : page * size]
     return _ok({"list": [task_as_seed(t) for t in rows], "total": total, "page": page, "pageSize": size})
 
 

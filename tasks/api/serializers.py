@@ -10,6 +10,7 @@ from rest_framework import serializers
 
 from core.api import JsonSerializer, described_field, json_field
 from core.query import QuerySerializer
+from gpus.models import RUN_HOLDING_STATUSES
 from gpus.selectors import run_gpu_memory_usage
 from tasks.models import (
     Dataset,
@@ -99,7 +100,10 @@ class TaskCreateSerializer(JsonSerializer):
     training_args = json_field({"description": _TRAINING_ARGS_SCHEMA["description"] + " null: none."},
                                required=False, allow_null=True)
     gpu_config = json_field(GPU_CONFIG_SCHEMA, required=False, validators=[gpu_config_cpu_is_boolean])
-    priority = serializers.IntegerField(required=False, min_value=0, max_value=10, default=5)
+    priority = serializers.IntegerField(
+        required=False, min_value=0, max_value=10,
+        help_text="0-10, larger runs first (default 5); above FINETUNE_USER_MAX_PRIORITY (5 by default): staff only.",
+    )
     output_name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     auto_export = serializers.BooleanField(
         required=False, default=False,
@@ -134,6 +138,14 @@ class FiniteFloatField(serializers.FloatField):
 
 #: Model float columns are serialised with :class:`FiniteFloatField`.
 _FINITE_FIELD_MAPPING = {**serializers.ModelSerializer.serializer_field_mapping, models.FloatField: FiniteFloatField}
+
+
+def task_gpu_memory_usage(task: FinetuningTask) -> dict[str, dict[str, int]]:
+    """The GPU memory of what the task's current run holds; nothing once the run has ended (the GPUs
+    are someone else's then, and a list of ended tasks pinned to devices costs no query a row)."""
+    if task.run is None or task.run.status not in RUN_HOLDING_STATUSES:
+        return {}
+    return run_gpu_memory_usage(task.run, task.gpu_config)
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -181,7 +193,7 @@ class TaskSerializer(serializers.ModelSerializer):
 
     def get_gpu_memory_usage(self, obj: FinetuningTask) -> dict[str, dict[str, int]]:
         """Per assigned GPU index: memory used and total (MiB) and utilization (%)."""
-        return run_gpu_memory_usage(obj.run, obj.gpu_config)
+        return task_gpu_memory_usage(obj)
 
 
 class CheckpointSerializer(serializers.Serializer):
@@ -232,9 +244,18 @@ class TaskDetailSerializer(TaskSerializer):
     status = _TaskStatusField(read_only=True)
     checkpoints = serializers.SerializerMethodField()
     exports = serializers.SerializerMethodField()
+    output_bytes = serializers.IntegerField(
+        read_only=True, help_text="Bytes under the task's folder (checkpoints, merged models, logs), as last "
+                                  "measured (output_measured_at): when a run or an export ends, every 10 minutes "
+                                  "while it runs, and after its outputs are deleted.")
+    output_measured_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    outputs_deleted_at = serializers.DateTimeField(
+        read_only=True, allow_null=True,
+        help_text="When its checkpoints and merged models were deleted (DELETE .../outputs/); null if never.")
 
     class Meta(TaskSerializer.Meta):
-        fields = [*TaskSerializer.Meta.fields, "checkpoints", "exports"]
+        fields = [*TaskSerializer.Meta.fields, "checkpoints", "exports", "output_bytes", "output_measured_at",
+                  "outputs_deleted_at"]
         read_only_fields = fields
 
     @extend_schema_field(CheckpointSerializer(many=True))
@@ -357,7 +378,10 @@ class LogQuerySerializer(QuerySerializer):
 class PrioritySerializer(JsonSerializer):
     """A waiting task's new priority."""
 
-    priority = serializers.IntegerField(min_value=0, max_value=10, help_text="0-10, larger runs first.")
+    priority = serializers.IntegerField(
+        min_value=0, max_value=10,
+        help_text="0-10, larger runs first. Above FINETUNE_USER_MAX_PRIORITY (5 by default) for staff only.",
+    )
 
 
 class QueueRequestSerializer(serializers.Serializer):

@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 
 from core.api import LOOKUP_VALUE_REGEX, error_response
 from core.errors import ServiceValidationError
-from core.query import FilterSet, OrderingFilter, Pagination, SearchFilter
+from core.query import FilterSet, KeysFirst, OrderingFilter, Pagination, SearchFilter
 from core.streaming import file_chunks, streamed_download, zip_stream_response
 from core.swift_cli.training_args import training_args_catalogue
 from tasks import selectors, services
@@ -101,14 +101,14 @@ def task_create_from_input(*, user: Any, data: dict[str, Any]) -> FinetuningTask
         return services.finetuning_task_create_from_preset(
             owner=user, preset=data["preset"], name=data.get("name") or "",
             description=data.get("description") or "", output_name=data.get("output_name") or "",
-            gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
+            gpu_config=data.get("gpu_config"), priority=data.get("priority"),
             auto_export=data.get("auto_export", False),
         )
     return services.finetuning_task_create(
         owner=user, name=data["name"], description=data.get("description") or "",
         task_type=data.get("task_type", TaskType.SFT), train_type=data.get("train_type", TrainType.LORA),
         base_model=data["base_model"], datasets=data.get("datasets"), training_args=data.get("training_args"),
-        gpu_config=data.get("gpu_config"), priority=data.get("priority", 5),
+        gpu_config=data.get("gpu_config"), priority=data.get("priority"),
         output_name=data.get("output_name") or "", auto_export=data.get("auto_export", False),
     )
 
@@ -131,6 +131,7 @@ class TaskViewSet(
     stop, resume, export, logs, metrics, events."""
 
     serializer_class = TaskSerializer
+    quota_actions = ("create", "resume")  # a 403 naming the quota (core.api.AutoSchema)
     lookup_value_regex = LOOKUP_VALUE_REGEX
     # JSON only: datasets, training_args, gpu_config and checkpoint are JSON values, which a form
     # cannot carry as the schema describes them.
@@ -145,6 +146,12 @@ class TaskViewSet(
 
     def get_serializer_class(self) -> type[TaskSerializer]:
         return TaskDetailSerializer if self.action == "retrieve" else TaskSerializer
+
+    def paginate_queryset(self, queryset: Any) -> list[Any] | None:
+        # The list: a page's keys first, then its rows (a deep page walks an index, not the table).
+        if self.action == "list" and isinstance(queryset, QuerySet):
+            queryset = KeysFirst(queryset)
+        return super().paginate_queryset(queryset)
 
     @extend_schema(request=TaskCreateSerializer, responses={201: TaskSerializer})
     def create(self, request: Request) -> Response:
@@ -171,7 +178,8 @@ class TaskViewSet(
         task = self.get_object()
         body = PrioritySerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        task = services.finetuning_task_set_priority(task=task, priority=body.validated_data["priority"])
+        task = services.finetuning_task_set_priority(task=task, priority=body.validated_data["priority"],
+                                                     by=request.user)
         return Response(TaskSerializer(task, context={"request": request}).data)
 
     @extend_schema(request=None, responses={200: TaskSerializer})
@@ -269,6 +277,19 @@ class TaskViewSet(
         events = selectors.task_events(task=self.get_object(), after_id=_after(request))
         return self.get_paginated_response(EventSerializer(self.paginate_queryset(events), many=True).data)
 
+    @extend_schema(request=None, responses={
+        200: TaskDetailSerializer,
+        400: error_response(400, "Refused: the task runs or waits, one of its exports is active, or a deployment "
+                                 "serves one of its checkpoints; the body names outputs."),
+    })
+    @action(detail=True, methods=["delete"])
+    def outputs(self, request: Request, pk: str | None = None) -> Response:
+        """Delete the task's checkpoints and merged models from disk to free space (its record, log,
+        metrics, events and export history stay; it cannot be resumed, exported or deployed after).
+        Answers the task with ``outputs_deleted_at`` set and ``output_bytes`` measured again."""
+        task = services.task_outputs_delete(task=self.get_object())
+        return Response(TaskDetailSerializer(task, context={"request": request}).data)
+
 
 class ExportViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """One export (``GET /api/finetuning/exports/{id}/``) and its merged model as a zip."""
@@ -316,6 +337,7 @@ class DatasetViewSet(
     """Your uploaded datasets. Upload with ``multipart/form-data`` (``file``, optional ``name``)."""
 
     serializer_class = DatasetSerializer
+    quota_actions = ("create",)  # storage
     lookup_value_regex = LOOKUP_VALUE_REGEX
     parser_classes = [parsers.MultiPartParser, parsers.FormParser, parsers.JSONParser]
     filter_backends = [SearchFilter]

@@ -45,7 +45,8 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 OWNED: dict[str, str] = {
     # pages
     "task_detail": "task", "task_cards": "task", "task_stop": "task", "task_resume": "task",
-    "task_export": "task", "task_delete": "task", "queue_priority": "task", "queue_hold": "task",
+    "task_export": "task", "task_delete": "task", "task_outputs_delete": "task",
+    "queue_priority": "task", "queue_hold": "task",
     "queue_release": "task", "queue_cancel": "task", "dataset_detail": "dataset", "dataset_delete": "dataset",
     "deployment_detail": "deployment", "deployment_stop": "deployment", "deployment_delete": "deployment",
     "deployment_chat": "deployment", "token_revoke": "token",
@@ -53,7 +54,8 @@ OWNED: dict[str, str] = {
     "task-detail": "task", "task-cancel": "task", "task-events": "task", "task-export": "task",
     "task-exports": "task", "task-hold": "task", "task-logs": "task", "task-logs-download": "task",
     "task-metrics": "task", "task-priority": "task", "task-release": "task", "task-resume": "task",
-    "task-stop": "task", "dataset-detail": "dataset", "export-detail": "export", "export-download": "export",
+    "task-stop": "task", "task-outputs": "task", "dataset-detail": "dataset", "export-detail": "export",
+    "export-download": "export",
     # /api/auth/, /api/deployments/ and the gateway
     "api-token-detail": "token", "deployment-detail": "deployment", "deployment-logs": "deployment",
     "deployment-stop": "deployment", "deployment-gateway-models": "deployment",

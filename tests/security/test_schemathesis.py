@@ -77,6 +77,7 @@ STATE_DEPENDENT = {
     "POST /api/finetuning/tasks/{id}/hold/": "a waiting task",
     "POST /api/finetuning/tasks/{id}/priority/": "a waiting task",
     "GET /api/finetuning/exports/{id}/download/": "a completed export",
+    "DELETE /api/finetuning/tasks/{id}/outputs/": "a finished task, not deployed, with no export running",
 }
 
 #: What the run did, printed as one line at the end of the module.

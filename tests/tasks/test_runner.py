@@ -31,6 +31,13 @@ from tests.tasks.conftest import ARGS
 pytestmark = pytest.mark.usefixtures("cpu_host")
 
 
+@pytest.fixture(autouse=True)
+def _every_priority_for_users(settings: Any) -> None:
+    """The queue order over the whole 0-10 range; that only staff may go above
+    FINETUNE_USER_MAX_PRIORITY is tested in tests/accounts/test_quotas.py."""
+    settings.FINETUNE_USER_MAX_PRIORITY = 10
+
+
 
 
 

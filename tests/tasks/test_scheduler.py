@@ -32,6 +32,13 @@ from tests.deployments.test_services_and_api import make_task as finished_lora_t
 ARGS = {"max_steps": 2, "model_type": "qwen2", "template": "qwen2_5"}
 
 
+@pytest.fixture(autouse=True)
+def _every_priority_for_users(settings: Any) -> None:
+    """The queue order over the whole 0-10 range; that only staff may go above
+    FINETUNE_USER_MAX_PRIORITY is tested in tests/accounts/test_quotas.py."""
+    settings.FINETUNE_USER_MAX_PRIORITY = 10
+
+
 def create(owner: User, model: Path, *, gpu: dict[str, Any] | None = None, priority: int = 5,
            name: str = "t") -> FinetuningTask:
     return services.finetuning_task_create(
@@ -239,7 +246,7 @@ def test_raising_a_priority_moves_the_task_ahead(owner: User, local_model: Path)
     dispatch()
     early = create(owner, local_model, priority=5)
     late = create(owner, local_model, priority=5)
-    services.finetuning_task_set_priority(task=late, priority=8)
+    services.finetuning_task_set_priority(task=late, priority=8, by=owner)
     run(running)
     end(running)
     assert dispatch() == [late.run_id]

@@ -25,7 +25,7 @@ from core.swift_cli.output import MetricPoint
 from finetune_platform.asgi import application
 from gpus.models import Run
 from tasks import selectors
-from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskStatus
+from tasks.models import ExportStatus, FinetuningTask, TaskExport, TaskLogLine, TaskMetric, TaskStatus
 from tasks.publisher import ProgressPublisher, broadcast, publish_event, task_group
 from tests.conftest import REPO
 from tests.web.conftest import RUN_FIELDS, ws_headers
@@ -525,5 +525,36 @@ async def test_a_message_published_by_another_process_reaches_the_browser_throug
         assert proc.returncode == 0, output.decode()
         got = await collect(comm, lambda g: g.seqs == [1] and g.state.get("progress") == 42.0)
         assert got.texts == ["hello from another process"]
+    finally:
+        await comm.disconnect()
+
+
+async def test_a_page_that_drew_a_sample_is_sent_only_the_metric_points_after_its_cursor(
+    alice_task: FinetuningTask, alice_headers: list[tuple[bytes, bytes]]
+) -> None:
+    """The task page draws its chart from a bounded sample of the points up to ``metrics_after`` (the
+    newest point when it rendered); its socket then sends only later points, not the first 5,000."""
+
+    def store(steps: range) -> None:
+        TaskMetric.objects.bulk_create(TaskMetric(task_id=alice_task.pk, kind="train", step=s, loss=1.0) for s in steps)
+
+    await database_sync_to_async(store)(range(1, 51))
+    cursor = await database_sync_to_async(selectors.task_metric_cursor)(task=alice_task.pk)
+    await database_sync_to_async(store)(range(51, 54))
+    comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0&metrics_after={cursor}", alice_headers)
+    connected, _ = await comm.connect()
+    assert connected
+    try:
+        got = await collect(comm, lambda g: len(g.metrics) >= 3)
+        got.metrics += (await quiet(comm, 0.5)).metrics
+        assert [m["step"] for m in got.metrics] == [51, 52, 53]
+    finally:
+        await comm.disconnect()
+    # Without the cursor (an old page, or a client of its own) every point is sent, as before.
+    comm = socket(f"/ws/tasks/{alice_task.pk}/?after=0", alice_headers)
+    connected, _ = await comm.connect()
+    try:
+        got = await collect(comm, lambda g: len(g.metrics) >= 53)
+        assert [m["step"] for m in got.metrics] == list(range(1, 54))
     finally:
         await comm.disconnect()
