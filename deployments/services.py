@@ -45,7 +45,7 @@ from tasks.command import normalize_gpu_config, task_hub_refusals
 from tasks.models import FinetuningTask, TrainType
 from tasks.paths import PathError, is_within, resolve_model, workspace_dir
 from tasks.selectors import task_checkpoints
-from tasks.services import outputs_deleted_text
+from tasks.storage import outputs_deleted_text
 
 logger = logging.getLogger(__name__)
 

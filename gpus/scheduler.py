@@ -38,7 +38,9 @@ CPU slot are never gated):
 A run held back by a quota neither books nor fences anything and blocks no one; its
 ``Run.wait_reason`` says which quota and the current usage in a sentence, written only when it
 changes (one bulk update) and cleared when the quota no longer holds it back or it is booked; each
-change is told to its subject (:meth:`gpus.workloads.Workload.waiting`), whose page shows it.
+change is told to its subject (:meth:`gpus.workloads.Workload.waiting`), whose page shows it. A
+dispatch with no free GPU or CPU slot anywhere reads nothing (reasons are written by the next one
+that has room: until then every run waits for resources anyway).
 
 **Backfill**: when a training run does not fit on the free GPUs / CPU slots, runs after it that do fit
 may start past it — until the blocked run has waited ``FINETUNE_BACKFILL_MAX_WAIT_SECONDS`` (default
@@ -128,7 +130,9 @@ def dispatch() -> list[int]:
     with transaction.atomic():
         dispatch_lock()
         hosts = inventory_snapshot()
-        if not hosts:
+        if not any(h.free_gpu_ids or h.free_cpu_slots for h in hosts):
+            # Nothing can start: the queue is not read (a full cluster with a long queue dispatches on
+            # every event). Wait reasons are brought up to date by the next dispatch that has room.
             return []
         runs = _scan()
         if not runs:

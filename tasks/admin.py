@@ -13,7 +13,7 @@ from django.http import HttpRequest
 from core.admin import OwnedAdminMixin
 from core.errors import ServiceValidationError
 from gpus.services import run_set_queue_fields
-from tasks import services
+from tasks import services, storage
 from tasks.models import Dataset, FinetuningTask, TaskEvent, TaskExport, TaskLogLine, TaskMetric
 from tasks.outputs import human_bytes
 
@@ -153,7 +153,7 @@ class FinetuningTaskAdmin(OwnedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Delete outputs of selected tasks (checkpoints and merged models; keeps the records)")
     def delete_outputs(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:
-        self._each(request, queryset, services.task_outputs_delete, "Deleted the outputs of {n} task(s).")
+        self._each(request, queryset, storage.task_outputs_delete, "Deleted the outputs of {n} task(s).")
 
     @admin.action(description="Stop selected tasks")
     def stop_tasks(self, request: HttpRequest, queryset: QuerySet[FinetuningTask]) -> None:

@@ -2,8 +2,8 @@
 outputs removes, and who may veto that.
 
 * **Measured**: everything under the task's folder ``workspaces/<owner>/tasks/<id>/`` (checkpoints,
-  merged exports, logs, caches), links not followed; ``tasks.services.task_storage_measure`` stores it.
-* **Deleted** (``tasks.services.task_outputs_delete``): the checkpoint folders of every run
+  merged exports, logs, caches), links not followed; ``tasks.storage.task_storage_measure`` stores it.
+* **Deleted** (``tasks.storage.task_outputs_delete``): the checkpoint folders of every run
   (``output/checkpoint-N``, ``output/v<N>-…/checkpoint-N``), the merged exports next to them
   (``checkpoint-N-merged``), links named like them, and the scratch ``cache/``. The log, swift's
   ``logging.jsonl`` and ``args.json``, the export logs and every database record stay. Only paths

@@ -23,7 +23,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from core.errors import ServiceValidationError
 from core.labels import live_labels, service_error_text
 from core.query import KeysFirst
-from tasks import selectors, services
+from tasks import selectors, services, storage
 from tasks.consumers import task_state
 from tasks.forms import DatasetUploadForm, GpuRequestForm, PresetTaskForm, TaskForm, apply_service_errors
 from tasks.models import EventKind, FinetuningTask, TaskStatus, TaskType
@@ -321,7 +321,7 @@ def task_outputs_delete(request: HttpRequest, pk: int) -> HttpResponse:
     as for every destructive action: the form's ``data-confirm``)."""
     task = selectors.finetuning_task_get(user=request.user, pk=pk)
     try:
-        task = services.task_outputs_delete(task=task)
+        task = storage.task_outputs_delete(task=task)
     except ServiceValidationError as exc:
         messages.error(request, _("The outputs of “%(name)s” were not deleted: %(reason)s")
                        % {"name": task.name, "reason": service_error_text(exc)})

@@ -45,8 +45,8 @@ from tasks.services import (
     finetuning_task_finish,
     finetuning_task_purge,
     task_export_finish,
-    task_storage_sweep,
 )
+from tasks.storage import task_storage_sweep
 
 _READ_CHUNK = 1 << 20
 #: swift's line naming the versioned folder it created (``SftArguments._add_version``).

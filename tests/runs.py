@@ -6,6 +6,7 @@ from __future__ import annotations
 from deployments.models import Deployment
 from gpus import supervisor
 from gpus.models import Reservation, Run
+from gpus.scheduler import dispatch
 from tasks.models import FinetuningTask, TaskExport
 
 
@@ -61,3 +62,13 @@ def end_run(subject: FinetuningTask | TaskExport | Deployment, status: str = "su
     run = current_run(type(subject), subject.pk)
     Run.objects.filter(pk=run.pk).update(status=status)
     Reservation.objects.filter(run_id=run.pk).delete()
+
+
+def run_to_end(task: FinetuningTask) -> FinetuningTask:
+    """Dispatch (the on-commit dispatch does not run inside a test transaction) and run the task here."""
+    dispatch()
+    task.refresh_from_db()
+    assert task.status == "queued", task.status
+    run_task(task.pk)
+    task.refresh_from_db()
+    return task

@@ -23,7 +23,7 @@ from core.errors import ServiceValidationError
 from core.query import FilterSet, KeysFirst, OrderingFilter, Pagination, SearchFilter
 from core.streaming import file_chunks, streamed_download, zip_stream_response
 from core.swift_cli.training_args import training_args_catalogue
-from tasks import selectors, services
+from tasks import selectors, services, storage
 from tasks.api.serializers import (
     CheckpointChoiceSerializer,
     CursorQuerySerializer,
@@ -287,7 +287,7 @@ class TaskViewSet(
         """Delete the task's checkpoints and merged models from disk to free space (its record, log,
         metrics, events and export history stay; it cannot be resumed, exported or deployed after).
         Answers the task with ``outputs_deleted_at`` set and ``output_bytes`` measured again."""
-        task = services.task_outputs_delete(task=self.get_object())
+        task = storage.task_outputs_delete(task=self.get_object())
         return Response(TaskDetailSerializer(task, context={"request": request}).data)
 
 

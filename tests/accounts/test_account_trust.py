@@ -73,6 +73,8 @@ def test_staff_mark_a_user_trusted_on_the_user_page(staff: User, alice: User) ->
         "account-TOTAL_FORMS": "1", "account-INITIAL_FORMS": "0", "account-MIN_NUM_FORMS": "0",
         "account-MAX_NUM_FORMS": "1", "account-0-hub_trusted": "on", "account-0-id": "",
         "account-0-user": str(alice.pk), "_save": "Save",
+        # The page's quota inline, left empty (tests/accounts/test_quotas.py fills it).
+        "quota-TOTAL_FORMS": "0", "quota-INITIAL_FORMS": "0", "quota-MIN_NUM_FORMS": "0", "quota-MAX_NUM_FORMS": "1",
     }
     response = client.post(f"/admin/auth/user/{alice.pk}/change/", data)
     assert response.status_code == 302, response.content.decode()[:2000]

@@ -257,6 +257,18 @@ def test_staff_set_the_default_and_a_users_quota_in_admin(staff: User, alice: Us
     page = admin.get(f"/admin/auth/user/{alice.pk}/change/").content.decode()
     assert 'name="quota-__prefix__-max_gpus"' in page  # the quota inline
     assert quota_limits(user=alice) == Limits(max_waiting_tasks=20, gpu_hours_per_week=40)
-    set_quota(user=alice, max_gpus=3)
+    data = {
+        "username": alice.username, "email": alice.email, "first_name": "", "last_name": "", "is_active": "on",
+        "date_joined_0": alice.date_joined.strftime("%Y-%m-%d"),
+        "date_joined_1": alice.date_joined.strftime("%H:%M:%S"),
+        "initial-date_joined_0": alice.date_joined.strftime("%Y-%m-%d"),
+        "initial-date_joined_1": alice.date_joined.strftime("%H:%M:%S"),
+        "account-TOTAL_FORMS": "0", "account-INITIAL_FORMS": "0", "account-MIN_NUM_FORMS": "0",
+        "account-MAX_NUM_FORMS": "1",
+        "quota-TOTAL_FORMS": "1", "quota-INITIAL_FORMS": "0", "quota-MIN_NUM_FORMS": "0", "quota-MAX_NUM_FORMS": "1",
+        "quota-0-max_gpus": "3", "quota-0-id": "", "quota-0-user": str(alice.pk), "_save": "Save",
+    }
+    saved = admin.post(f"/admin/auth/user/{alice.pk}/change/", data)
+    assert saved.status_code == 302, saved.content.decode()[:3000]
     assert quota_limits(user=alice) == Limits(max_waiting_tasks=20, max_gpus=3, gpu_hours_per_week=40)
     assert "quota of alice" in admin.get("/admin/accounts/quota/").content.decode()

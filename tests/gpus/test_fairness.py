@@ -213,15 +213,15 @@ def test_max_gpus_holds_a_run_back_with_its_reason_without_blocking_others(
 def test_the_reason_is_cleared_when_the_quota_no_longer_applies_even_while_the_run_still_waits(
     alice: User, bob: User
 ) -> None:
-    announce_host(spec="1x80")
-    holding(alice)
+    announce_host(spec="2x80")  # GPU 1 stays free: a dispatch with nothing free at all reads no queue
+    holding(alice, gpu={"devices": "0"})
     quota = Quota.objects.create(scope=QuotaScope.USER, user=alice, max_gpus=1)
-    later = waiting(alice)
+    later = waiting(alice, gpu={"devices": "0"})
     assert dispatch() == []
     assert "you hold 1 of your 1 GPUs" in reason_of(later.pk)
     quota.max_gpus = 4
     quota.save()
-    assert dispatch() == []  # the only GPU is taken: it waits, but not for a quota
+    assert dispatch() == []  # the GPU it names is taken: it waits, but not for a quota
     assert reason_of(later.pk) == ""
 
 
@@ -269,12 +269,12 @@ def test_the_task_learns_its_reason_once_per_change(
         real(batch)
 
     monkeypatch.setattr(publisher, "publish_many", record)
-    announce_host(spec="1x80")
-    holding(alice)
+    announce_host(spec="2x80")
+    holding(alice, gpu={"devices": "0"})
     quota = Quota.objects.create(scope=QuotaScope.USER, user=alice, max_gpus=1)
     task = services.finetuning_task_create(
         owner=alice, name="waits", base_model=str(local_model), datasets=["builtin:smoke_sft"],
-        training_args=ARGS, gpu_config={"count": 1},
+        training_args=ARGS, gpu_config={"devices": "0"},
     )
 
     def told() -> list[str]:
@@ -338,3 +338,14 @@ def test_the_scan_cap_takes_every_users_first_runs_before_anyones_later_ones(
     backlog(alice, 50, gpu={"devices": "0"}, priority=10, ago=3600)
     bobs = waiting(bob)
     assert dispatch() == [bobs.pk]
+
+
+def test_a_dispatch_with_nothing_free_reads_no_queue(alice: User, django_assert_max_num_queries: Any) -> None:
+    """A full cluster dispatches on every event (each task created): it costs the inventory read only,
+    however long the queue."""
+    announce_host(spec="1x80")
+    holding(alice)
+    backlog(alice, 300)
+    with django_assert_max_num_queries(5) as queries:
+        assert dispatch() == []
+    assert not [q["sql"] for q in queries.captured_queries if 'FROM "gpus_run"' in q["sql"]]

@@ -109,6 +109,21 @@ def test_a_real_run_is_stopped_resumed_and_exported(
     with zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content))) as archive:
         assert archive.testzip() is None
         assert f"{merged.name}/model.safetensors" in archive.namelist()
+    # Usage accounting from the real runs: two training runs and an export, each in the CPU slot it
+    # was booked, for as long as it really ran (issue 12).
+    usage = alice_api.get("/api/usage/").json()
+    assert usage["rolling_7d"]["training_runs"] == 2 and usage["rolling_7d"]["export_runs"] == 1
+    assert usage["rolling_7d"]["cpu_slot_seconds"] > 1 and usage["rolling_7d"]["gpu_seconds"] == 0
+    assert usage["storage_bytes"] >= sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
+
+    # Storage hygiene: the owner deletes the outputs; the history stays, nothing is left to resume.
+    response = alice_api.delete(f"{url}outputs/")
+    assert response.status_code == 200, response.content
+    assert not merged.exists() and not last.exists() and not checkpoint.exists()
+    assert response.json()["output_bytes"] < usage["storage_bytes"] and response.json()["outputs_deleted_at"]
+    assert alice_api.get(f"{url}metrics/").json()["count"] == len(metrics["results"])
+    refused = alice_api.post(f"{url}export/", {}, format="json")
+    assert refused.status_code == 400 and "were deleted on" in refused.json()["checkpoint"][0]
     print(f"\nreal resume (POST resume -> completed): {resume_wall:.1f} s wall; "
           f"real export (POST export -> completed): {export_wall:.1f} s wall; stopped at checkpoint-{step}, "
           f"had logged steps {logged_before[0]}-{logged_before[-1]} before the stop")

@@ -39,7 +39,7 @@ from tasks.models import (
 )
 from tests.conftest import wait_for
 from tests.runs import run_export as supervise_export
-from tests.runs import run_task
+from tests.runs import run_task, run_to_end
 from tests.tasks.conftest import ARGS
 
 pytestmark = pytest.mark.usefixtures("cpu_host")
@@ -50,16 +50,6 @@ def run_export(export_id: int) -> str:
     test transaction) and supervise the export here."""
     dispatch_pending()
     return supervise_export(export_id)
-
-
-def run_to_end(task: FinetuningTask) -> FinetuningTask:
-    """Dispatch (the on-commit dispatch does not run inside a test transaction) and run the task here."""
-    dispatch_pending()
-    task.refresh_from_db()
-    assert task.status == TaskStatus.QUEUED, task.status
-    run_task(task.pk)
-    task.refresh_from_db()
-    return task
 
 
 @pytest.fixture

@@ -22,24 +22,14 @@ from core.errors import ServiceValidationError
 from deployments.models import Deployment, DeploymentStatus
 from gpus import jobs
 from gpus.scheduler import dispatch
-from tasks import selectors, services
+from tasks import selectors, services, storage
 from tasks.command import build_argv
 from tasks.models import Dataset, EventKind, FinetuningTask, TaskLogLine, TaskMetric, TaskStatus
 from tasks.outputs import human_bytes
 from tasks.paths import folder_size, task_dir
-from tests.runs import run_export, run_task
+from tests.runs import run_export, run_to_end
 
 pytestmark = pytest.mark.usefixtures("cpu_host")
-
-
-def run_to_end(task: FinetuningTask) -> FinetuningTask:
-    """Dispatch (the on-commit dispatch does not run inside a test transaction) and run it here."""
-    dispatch()
-    task.refresh_from_db()
-    assert task.status == TaskStatus.QUEUED, task.status
-    run_task(task.pk)
-    task.refresh_from_db()
-    return task
 
 
 @pytest.fixture
@@ -121,10 +111,10 @@ def test_the_sweep_measures_running_tasks_not_measured_lately(
     assert task.output_bytes == 5000 and task.output_measured_at is not None
 
     (folder / "more.bin").write_bytes(b"x" * 1000)
-    assert services.task_storage_sweep(host=settings.FINETUNE_HOST) == 0  # measured a moment ago
+    assert storage.task_storage_sweep(host=settings.FINETUNE_HOST) == 0  # measured a moment ago
     FinetuningTask.objects.filter(pk=task.pk).update(output_measured_at=timezone.now() - timedelta(minutes=11))
-    assert services.task_storage_sweep(host="another-host") == 0  # its folder is written on this host
-    assert services.task_storage_sweep(host=settings.FINETUNE_HOST) == 1
+    assert storage.task_storage_sweep(host="another-host") == 0  # its folder is written on this host
+    assert storage.task_storage_sweep(host=settings.FINETUNE_HOST) == 1
     task.refresh_from_db()
     assert task.output_bytes == 6000
 
@@ -227,7 +217,7 @@ def test_deleting_outputs_stays_inside_the_task_folder(completed: FinetuningTask
     (output / "checkpoint-99").symlink_to(outside, target_is_directory=True)
     (output / "checkpoint-6" / "escape").symlink_to(outside, target_is_directory=True)
 
-    services.task_outputs_delete(task=completed)
+    storage.task_outputs_delete(task=completed)
     assert (outside / "keep.txt").read_text() == "keep"
     assert not (output / "checkpoint-99").is_symlink() and checkpoint_names(completed) == []
 
@@ -241,7 +231,7 @@ def test_resume_and_export_after_the_outputs_were_deleted_say_why(
     task = run_to_end(make_task())
     monkeypatch.delenv("FAKE_SWIFT_FAIL_AT_STEP")
     assert task.status == TaskStatus.FAILED and task.can_resume
-    services.task_outputs_delete(task=task)
+    storage.task_outputs_delete(task=task)
 
     for action in ("resume", "export"):
         response = alice_api.post(f"/api/finetuning/tasks/{task.pk}/{action}/", {}, format="json")
