@@ -60,6 +60,11 @@ class Request:
             return replace(self, kind="gpu", count=1)
         return replace(self, kind="cpu")
 
+    def gpu_count(self, hosts: list[HostState] | list[TimedHost]) -> int:
+        """How many GPUs the request holds once placed on ``hosts`` (0 for a CPU slot)."""
+        resolved = self.resolved(hosts)
+        return resolved.count if resolved.kind == "gpu" else 0
+
 
 @dataclass(frozen=True)
 class Placement:

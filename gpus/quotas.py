@@ -24,17 +24,11 @@ def owner_lock(owner: AbstractBaseUser) -> None:
     get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
 
 
-def gpus_requested(request: Request, hosts: list[HostState]) -> int:
-    """How many GPUs ``request`` holds once placed (0 for a CPU slot)."""
-    resolved = request.resolved(hosts)
-    return resolved.count if resolved.kind == "gpu" else 0
-
-
 def check_gpu_request(*, owner: AbstractBaseUser, request: Request, hosts: list[HostState],
                       limits: Limits | None = None) -> None:
     """Refuse a request for more GPUs at once than the owner's ``max_gpus``: it could never start."""
     limit = (limits or quota_limits(user=owner)).max_gpus
-    wanted = gpus_requested(request, hosts)
+    wanted = request.gpu_count(hosts)
     if limit is not None and wanted > limit:
         raise QuotaExceeded(
             quota="max_gpus", limit=limit, used=wanted,

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from heapq import heapify, heappop, heappush
@@ -83,7 +83,7 @@ from accounts.services import Limits, quota_limits_for
 from core.live.publish import publish
 from core.queues import host_queue
 from gpus.models import RUN_HOLDING_STATUSES, Lane, Reservation, Run, RunStatus
-from gpus.placement import HostState, Placement, Request, place, take
+from gpus.placement import HostState, Placement, Request, TimedHost, place, take
 from gpus.selectors import inventory_snapshot
 from gpus.usage import booked_resources, gpu_seconds_by_owner, gpus_held_by_owner
 from gpus.workloads import workload_for
@@ -145,10 +145,8 @@ def dispatch() -> list[int]:
         reasons: dict[int, tuple[Run, str]] = {}
         for run in _fair_order(runs, shares):
             share = shares[run.owner_id]
-            request = Request.from_task({"cpu": True} if run.lane == Lane.CPU else (run.gpu_config or {}),
-                                        run.memory_estimate_gb)
-            resolved = request.resolved(hosts)
-            reason = share.quota_reason(resolved.count if resolved.kind == "gpu" else 0)
+            request = _request(run)
+            reason = share.quota_reason(request.gpu_count(hosts))
             reasons[run.pk] = (run, reason)
             if reason or not fence.has_free():
                 continue  # a quota holds it back: it fences nothing and blocks no one
@@ -246,9 +244,14 @@ def _fair_order(runs: list[Run], shares: dict[int, _Share]) -> Iterator[Run]:
                 heappush(heap, (shares[owner].rank(queue[0]), owner))
 
 
-def serving_order(runs: list[Run], *, gpus_of: Callable[[Run], int]) -> list[Run]:
+def _request(run: Run) -> Request:
+    """What a waiting run asks for (an export always a CPU slot)."""
+    return Request.from_task({"cpu": True} if run.lane == Lane.CPU else (run.gpu_config or {}), run.memory_estimate_gb)
+
+
+def serving_order(runs: list[Run], *, hosts: list[HostState] | list[TimedHost]) -> list[Run]:
     """Waiting runs in the order a dispatch would serve them, for the queue page: the fair order of
-    :func:`_fair_order`, counting each run's GPUs (``gpus_of``) for its owner as if it started, unless
+    :func:`_fair_order`, counting each run's GPUs on ``hosts`` for its owner as if it started, unless
     a quota holds it back. (The dispatch itself also skips what does not fit now; the page's
     estimates account for that.) A fixed number of queries."""
     shares = _shares({run.owner_id for run in runs}, timezone.now())
@@ -256,7 +259,7 @@ def serving_order(runs: list[Run], *, gpus_of: Callable[[Run], int]) -> list[Run
     for run in _fair_order(runs, shares):
         ordered.append(run)
         share = shares[run.owner_id]
-        gpus = gpus_of(run)
+        gpus = _request(run).gpu_count(hosts)
         if not share.quota_reason(gpus):
             share.held += gpus
     return ordered

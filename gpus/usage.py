@@ -74,34 +74,38 @@ def _runs_in(since: datetime, until: datetime, owner_ids: Iterable[int] | None) 
     )
 
 
+def usage_by_windows(
+    *, windows: Sequence[datetime], until: datetime | None = None, owner_ids: Iterable[int] | None = None
+) -> list[dict[int, Usage]]:
+    """Each user's usage in ``[since, until)`` for each ``since`` of ``windows`` (``until``: now), all
+    in one query: one mapping per window, in the order given. A user with no run in a window is
+    absent from its mapping."""
+    if not windows:
+        return []
+    until = until or timezone.now()
+    usages: list[dict[int, Usage]] = [defaultdict(Usage) for _ in windows]
+    for owner_id, kind, resources, started, finished in _runs_in(min(windows), until, owner_ids):
+        for since, usage in zip(windows, usages, strict=True):
+            if finished is None or finished > since:  # the run overlaps this window too
+                usage[owner_id].add(resources or {}, overlap_seconds(started, finished, since, until), kind)
+    return [dict(usage) for usage in usages]
+
+
 def usage_by_owner(
     *, since: datetime, until: datetime | None = None, owner_ids: Iterable[int] | None = None
 ) -> dict[int, Usage]:
     """Each user's usage in ``[since, until)`` (``until``: now), in one query. Users with no run in
     the window are absent."""
-    until = until or timezone.now()
-    usage: dict[int, Usage] = defaultdict(Usage)
-    for owner_id, kind, resources, started, finished in _runs_in(since, until, owner_ids):
-        usage[owner_id].add(resources or {}, overlap_seconds(started, finished, since, until), kind)
-    return dict(usage)
+    return usage_by_windows(windows=[since], until=until, owner_ids=owner_ids)[0]
 
 
 def gpu_seconds_by_owner(
     *, windows: Sequence[datetime], until: datetime | None = None, owner_ids: Iterable[int] | None = None
 ) -> list[dict[int, float]]:
-    """Each user's GPU-seconds in ``[since, until)`` for each ``since`` of ``windows`` (``until``:
-    now), all in one query (the dispatcher needs its fair-share window and the rolling week)."""
-    if not windows:
-        return []
-    until = until or timezone.now()
-    totals: list[dict[int, float]] = [defaultdict(float) for _ in windows]
-    for owner_id, _kind, resources, started, finished in _runs_in(min(windows), until, owner_ids):
-        gpus = sum((resources or {}).get("gpus", {}).values())
-        if not gpus:
-            continue
-        for since, total in zip(windows, totals, strict=True):
-            total[owner_id] += gpus * overlap_seconds(started, finished, since, until)
-    return [dict(total) for total in totals]
+    """Each user's GPU-seconds for each window of :func:`usage_by_windows` (the dispatcher needs its
+    fair-share window and the rolling week); users without GPU time are absent."""
+    return [{owner: usage.gpu_seconds for owner, usage in by_owner.items() if usage.gpu_seconds}
+            for by_owner in usage_by_windows(windows=windows, until=until, owner_ids=owner_ids)]
 
 
 def usage_daily(*, since: datetime, until: datetime | None = None, owner_id: int | None = None) -> list[DayUsage]:

@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from gpus.models import Host, Run
+from gpus.models import Host
 from gpus.placement import UNKNOWN, GpuSlot, Request, TimedHost, earliest_start, occupy
 from gpus.scheduler import serving_order
 from tasks.models import (
@@ -281,13 +281,8 @@ def _serving_order(hosts: list[TimedHost], limit: int | None) -> list[Finetuning
         ).filter(owner_rank__lte=limit)
     tasks = list(waiting.queue_order())
     by_run = {task.run_id: task for task in tasks if task.run is not None}
-
-    def gpus_of(run: Run) -> int:
-        resolved = Request.from_task(run.gpu_config or {}, run.memory_estimate_gb).resolved(hosts)
-        return resolved.count if resolved.kind == "gpu" else 0
-
     ordered = [by_run[run.pk] for run in serving_order([task.run for task in tasks if task.run is not None],
-                                                       gpus_of=gpus_of)]
+                                                       hosts=hosts)]
     ordered += [task for task in tasks if task.run is None]
     return ordered[:limit] if limit is not None else ordered
 

@@ -29,7 +29,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.services import Limits, quota_limits_for
 from gpus.models import RunKind
-from gpus.usage import DayUsage, Usage, active_deployments_by_owner, gpus_held_by_owner, usage_by_owner, usage_daily
+from gpus.usage import DayUsage, Usage, active_deployments_by_owner, gpus_held_by_owner, usage_by_windows, usage_daily
 from tasks.models import FinetuningTask
 from tasks.quotas import WAITING_STATUSES
 from tasks.selectors import largest_outputs, storage_by_owner
@@ -205,9 +205,8 @@ def user_usage_rows(*, user_ids: Iterable[int] | None = None, periods: Periods |
     periods = periods or usage_periods()
     ids = None if user_ids is None else list(dict.fromkeys(user_ids))
     now = periods.now
-    week = usage_by_owner(since=periods.week_since, until=now, owner_ids=ids)
-    month = usage_by_owner(since=periods.month_since, until=now, owner_ids=ids)
-    rolling = usage_by_owner(since=periods.rolling_since, until=now, owner_ids=ids)
+    week, month, rolling = usage_by_windows(
+        windows=[periods.week_since, periods.month_since, periods.rolling_since], until=now, owner_ids=ids)
     storage = storage_by_owner(owner_ids=ids)
     held = gpus_held_by_owner(owner_ids=ids)
     deployments = active_deployments_by_owner(owner_ids=ids)
