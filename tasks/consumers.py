@@ -169,8 +169,7 @@ class TaskConsumer(StreamConsumer):
 
     async def start(self) -> None:
         # The page drew its chart from a sample of the points up to this id (0: send every point).
-        values = self.query.get("metrics_after") or ["0"]
-        self.metric_id = int(values[0]) if values[0].isascii() and values[0].isdigit() and len(values[0]) < 19 else 0
+        self.metric_id = self.query_after("metrics_after") or 0
         self.sent_seq = self.query_after()
         if self.sent_seq is None:
             self.waiting = asyncio.create_task(self._start_without_resume())

@@ -371,8 +371,9 @@ class StreamConsumer(LiveConsumer):
     def read_lines(self, *, after: int, limit: int) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def query_after(self) -> int | None:
-        values = self.query.get("after")
+    def query_after(self, name: str = "after") -> int | None:
+        """A cursor from the socket's query (``?after=N``): None when absent, 0 when malformed."""
+        values = self.query.get(name)
         if not values:
             return None
         try:
