@@ -60,20 +60,26 @@ def task_folder(task: FinetuningTask) -> Path:
     return task_dir(task.owner_id, task.pk)
 
 
-def task_folder_bytes(task: FinetuningTask) -> int:
-    """Bytes under the task's folder; 0 when it does not exist, is a link or lies outside the
-    workspaces (nothing is followed out of them)."""
+def _real_task_folder(task: FinetuningTask) -> Path | None:
+    """The task's folder, or None when it does not exist, is a link or lies outside the workspaces
+    (nothing is followed out of them)."""
     folder = task_folder(task)
     if folder.is_symlink() or not folder.is_dir() or not is_within(folder, settings.WORKSPACES_DIR):
-        return 0
-    return folder_size(folder)
+        return None
+    return folder
+
+
+def task_folder_bytes(task: FinetuningTask) -> int:
+    """Bytes under the task's folder; 0 without a real one (:func:`_real_task_folder`)."""
+    folder = _real_task_folder(task)
+    return 0 if folder is None else folder_size(folder)
 
 
 def deletable_outputs(task: FinetuningTask) -> list[Path]:
     """The paths a delete of the task's outputs removes (see the module's docstring), each inside the
     task's folder."""
-    folder = task_folder(task)
-    if folder.is_symlink() or not folder.is_dir() or not is_within(folder, settings.WORKSPACES_DIR):
+    folder = _real_task_folder(task)
+    if folder is None:
         return []
     from tasks.selectors import run_folders  # imports the models: see the note on the imports
 
